@@ -1,0 +1,103 @@
+"""MLX implementations of Hugging Face architectures, one module per `model_type`.
+
+A module is found by its `model_type` name (a new file is the registration); `ALIASES` maps model types that
+share code with another module. Each module defines `ModelArgs` and `Model`.
+"""
+
+import importlib
+import json
+import pkgutil
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+
+ALIASES = {"mistral": "llama"}
+
+# Shared building blocks, not architectures.
+_SHARED = {"base", "cache", "rope", "layers", "weights"}
+
+
+class UnsupportedArchitecture(ValueError):
+    pass
+
+
+def architecture_modules() -> list:
+    """Names of every architecture module in this package."""
+    return sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name not in _SHARED and not m.name.startswith("_"))
+
+
+def supported_model_types() -> list:
+    return sorted(set(architecture_modules()) | set(ALIASES))
+
+
+def get_architecture(model_type: str):
+    """The module implementing `model_type`; raises UnsupportedArchitecture naming the supported ones."""
+    name = ALIASES.get(model_type, model_type)
+    if name not in architecture_modules():
+        raise UnsupportedArchitecture(
+            f"model_type {model_type!r} is not supported; supported: {', '.join(supported_model_types())}"
+        )
+    return importlib.import_module(f"{__name__}.{name}")
+
+
+def build_model(config: dict):
+    """An uninitialised `Model` for a config dict (float32 parameters until weights are loaded)."""
+    arch = get_architecture(config["model_type"])
+    return arch.Model(arch.ModelArgs.from_dict(config))
+
+
+def quantize_like(model, config: dict, weights: dict):
+    """Turn the layers that were saved quantized into quantized layers before loading weights."""
+    quant = config.get("quantization") or config.get("quantization_config")
+    if not quant:
+        return
+    defaults = {"group_size": quant.get("group_size", 64), "bits": quant.get("bits", 4), "mode": quant.get("mode", "affine")}
+
+    def predicate(path, module):
+        if f"{path}.scales" not in weights:
+            return False
+        override = quant.get(path)
+        return {**defaults, **override} if isinstance(override, dict) else defaults
+
+    nn.quantize(model, class_predicate=predicate)
+
+
+def load_weights(model, weights: dict):
+    """Strict load: every missing or unexpected key is named."""
+    from mlx.utils import tree_flatten
+
+    expected = dict(tree_flatten(model.parameters()))
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {', '.join(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {', '.join(unexpected)}")
+        raise ValueError("weights do not match the model: " + "; ".join(parts))
+    bad = [k for k, v in weights.items() if tuple(v.shape) != tuple(expected[k].shape)]
+    if bad:
+        raise ValueError("shape mismatch: " + ", ".join(f"{k} {weights[k].shape} vs {expected[k].shape}" for k in bad))
+    model.load_weights(list(weights.items()), strict=True)
+
+
+def load_model(path, lazy: bool = False):
+    """Load a converted MLX folder: returns (model, config)."""
+    path = Path(path)
+    config = json.loads((path / "config.json").read_text())
+    files = sorted(path.glob("model*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no model*.safetensors in {path}")
+    weights = {}
+    for f in files:
+        weights.update(mx.load(str(f)))
+    model = build_model(config)
+    weights = model.sanitize(weights)
+    quantize_like(model, config, weights)
+    load_weights(model, weights)
+    if not lazy:
+        mx.eval(model.parameters())
+    model.eval()
+    return model, config

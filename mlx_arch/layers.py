@@ -1,0 +1,252 @@
+"""Shared decoder blocks: attention, MLPs, norms and a causal-LM shell that architectures configure.
+
+Module names follow the Hugging Face modules (`self_attn.q_proj`, `mlp.down_proj`, `input_layernorm`, ...) so that
+checkpoint keys map one to one and `sanitize` only handles real layout differences.
+"""
+
+from typing import Callable, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .base import create_attention_mask, scaled_dot_product_attention
+from .cache import KVCache, RotatingKVCache
+from .rope import initialize_rope
+
+ACTIVATIONS = {
+    "silu": nn.silu,
+    "swish": nn.silu,
+    "gelu": nn.gelu,
+    "gelu_new": nn.gelu_approx,
+    "gelu_pytorch_tanh": nn.gelu_approx,
+    "gelu_fast": nn.gelu_fast_approx,
+    "gelu_approx": nn.gelu_approx,
+    "relu": nn.relu,
+    "relu2": lambda x: mx.square(nn.relu(x)),
+}
+
+
+def activation(name: str) -> Callable:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unsupported activation {name!r}; known: {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+def make_rope(head_dim: int, rope_theta: float, rope_scaling, partial_rotary_factor=1.0,
+              max_position_embeddings=None, traditional=False):
+    dims = int(head_dim * (partial_rotary_factor or 1.0))
+    return initialize_rope(dims, rope_theta, traditional, rope_scaling, max_position_embeddings)
+
+
+class OffsetRMSNorm(nn.Module):
+    """RMSNorm whose stored weight is an offset from one: y = x / rms(x) * (1 + w) (gemma family)."""
+
+    def __init__(self, dims: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = mx.zeros((dims,))
+        self.eps = eps
+
+    def __call__(self, x):
+        return mx.fast.rms_norm(x, 1.0 + self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with GQA, optional biases, q/k norms, sliding window and logit soft-capping."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        n_heads: int,
+        n_kv_heads: int,
+        head_dim: int,
+        rope: Optional[nn.Module],
+        qkv_bias: bool = False,
+        o_bias: bool = False,
+        qk_norm: Optional[Callable[[int], nn.Module]] = None,
+        scale: Optional[float] = None,
+        softcap: Optional[float] = None,
+    ):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.scale = scale if scale is not None else head_dim**-0.5
+        self.softcap = softcap
+        self.q_proj = nn.Linear(hidden_size, n_heads * head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(hidden_size, n_kv_heads * head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(hidden_size, n_kv_heads * head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(n_heads * head_dim, hidden_size, bias=o_bias)
+        if qk_norm is not None:
+            self.q_norm = qk_norm(head_dim)
+            self.k_norm = qk_norm(head_dim)
+        self.rope = rope
+
+    def project(self, x):
+        """Queries, keys and values as (B, heads, L, head_dim), q/k-normed but not yet rotated."""
+        B, L, _ = x.shape
+        q = self.q_proj(x).reshape(B, L, self.n_heads, -1)
+        k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1)
+        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1)
+        if "q_norm" in self:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+
+    def attend(self, q, k, v, mask, cache):
+        """Rotate, update the cache, attend; returns (B, L, heads * head_dim)."""
+        offset = cache.offset if cache is not None else 0
+        if self.rope is not None:
+            q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+        if self.softcap is None:
+            out = scaled_dot_product_attention(q, k, v, cache, self.scale, mask)
+        else:
+            out = softcapped_attention(q, k, v, self.scale, mask, self.softcap)
+        B, _, L, _ = out.shape
+        return out.transpose(0, 2, 1, 3).reshape(B, L, -1)
+
+    def __call__(self, x, mask=None, cache=None):
+        return self.o_proj(self.attend(*self.project(x), mask, cache))
+
+
+def softcapped_attention(q, k, v, scale, mask, softcap):
+    """Attention with tanh soft-capping of the scores (gemma2); the fused kernel cannot cap."""
+    repeats = q.shape[1] // k.shape[1]
+    if repeats > 1:
+        k, v = mx.repeat(k, repeats, axis=1), mx.repeat(v, repeats, axis=1)
+    scores = (q * scale) @ k.swapaxes(-1, -2)
+    scores = mx.tanh(scores / softcap) * softcap
+    if isinstance(mask, str):
+        kL, L = scores.shape[-1], scores.shape[-2]
+        mask = mx.arange(kL - L, kL)[:, None] >= mx.arange(kL)[None]
+    if mask is not None:
+        scores = mx.where(mask, scores, mx.finfo(scores.dtype).min)
+    return mx.softmax(scores, axis=-1, precise=True) @ v
+
+
+class MLP(nn.Module):
+    """Gated MLP: down(act(gate(x)) * up(x))."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, act: str = "silu", bias: bool = False):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+        self.act = activation(act)
+
+    def __call__(self, x):
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: h + attn(norm(h)), then h + mlp(norm(h)). `window` is the sliding window or None."""
+
+    def __init__(self, attn: nn.Module, mlp: nn.Module, norm: Callable[[], nn.Module], window=None):
+        super().__init__()
+        self.self_attn = attn
+        self.mlp = mlp
+        self.input_layernorm = norm()
+        self.post_attention_layernorm = norm()
+        self.window = window
+
+    def __call__(self, x, mask=None, cache=None):
+        h = x + self.self_attn(self.input_layernorm(x), mask, cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Backbone(nn.Module):
+    """`model.` in the checkpoint: token embeddings, decoder layers and the final norm."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, layers: list, norm: nn.Module):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(vocab_size, hidden_size)
+        self.layers = layers
+        self.norm = norm
+
+
+class CausalLM(nn.Module):
+    """A decoder-only language model. Subclasses build `self.model` (a Backbone) and maybe `self.lm_head`.
+
+    The forward pass is split into `embed`, per-layer calls and `head` so that validation can run the model one
+    layer at a time and compare hidden states with the reference.
+    """
+
+    embed_scale: float = 1.0
+    logit_scale: float = 1.0
+    final_softcap: Optional[float] = None
+
+    def __init__(self, args):
+        super().__init__()
+        self.args = args
+        self.model_type = args.model_type
+
+    @property
+    def layers(self):
+        return self.model.layers
+
+    def embed(self, inputs, cache=None):
+        h = self.model.embed_tokens(inputs)
+        return h * mx.array(self.embed_scale, dtype=h.dtype) if self.embed_scale != 1.0 else h
+
+    def masks(self, h, cache=None):
+        """One mask per layer (layers with the same window share one)."""
+        cache = cache or [None] * len(self.layers)
+        built = {}
+        out = []
+        for layer, c in zip(self.layers, cache):
+            key = (layer.window, id(c) if c is not None and layer.window else None)
+            if key not in built:
+                built[key] = create_attention_mask(h, c, window_size=layer.window)
+            out.append(built[key])
+        return out
+
+    def head(self, h):
+        h = self.model.norm(h)
+        if getattr(self.args, "tie_word_embeddings", False):
+            logits = self.model.embed_tokens.as_linear(h)
+        else:
+            logits = self.lm_head(h)
+        if self.logit_scale != 1.0:
+            logits = logits * self.logit_scale
+        if self.final_softcap is not None:
+            logits = mx.tanh(logits / self.final_softcap) * self.final_softcap
+        return logits
+
+    def __call__(self, inputs, cache=None):
+        h = self.embed(inputs, cache)
+        cache = cache if cache is not None else [None] * len(self.layers)
+        for layer, mask, c in zip(self.layers, self.masks(h, cache), cache):
+            h = layer(h, mask, c)
+        return self.head(h)
+
+    def make_cache(self):
+        return [RotatingKVCache(layer.window) if layer.window else KVCache() for layer in self.layers]
+
+    # Weight-layout operations (mlx_arch.weights) applied by sanitize; subclasses extend the list.
+    def weight_rules(self):
+        from .weights import drop, tie_head
+
+        rules = [drop(r"(^|\.)rotary_emb\.inv_freq$", r"\.attn\.masked_bias$", r"\.attn\.bias$")]
+        if getattr(self.args, "tie_word_embeddings", False):
+            rules.append(tie_head())
+        return rules
+
+    def sanitize(self, weights: dict) -> dict:
+        from .weights import apply_rules
+
+        return apply_rules(weights, self.weight_rules())
+
+
+def layer_windows(args, n_layers: int) -> list:
+    """The sliding window of each layer (None = full attention) from `layer_types` / `sliding_window`."""
+    window = getattr(args, "sliding_window", None)
+    types = getattr(args, "layer_types", None)
+    if types:
+        return [window if t == "sliding_attention" else None for t in types[:n_layers]]
+    return [window] * n_layers
+
+
+def default_head_dim(args) -> int:
+    return getattr(args, "head_dim", None) or args.hidden_size // args.num_attention_heads
+
+
+def rms_norm(dims: int, eps: float):
+    return lambda: nn.RMSNorm(dims, eps=eps)

@@ -1,0 +1,140 @@
+"""Tiny random Hugging Face checkpoints built offline, for parity and pipeline tests.
+
+Weights are redrawn larger than transformers' default init (std 0.02 gives near-zero logits that hide bugs) and
+norm weights are perturbed away from 1 so that a mis-mapped norm changes the logits.
+"""
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+SMALL = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=320,
+    max_position_embeddings=256,
+)
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+_TEXT = (
+    "The quick brown fox jumps over the lazy dog. Converting models to MLX keeps their logits. "
+    "Release engineers publish four, six and eight bit variants. Über naïve café, 東京, emoji 🙂!\n"
+    "def main():\n    return 42\n"
+)
+
+
+@lru_cache(maxsize=4)
+def _tokenizer(vocab_size: int):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<unk>", "<s>", "</s>", "<pad>", "<|user|>", "<|assistant|>", "<|system|>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([_TEXT] * 20, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def save_tokenizer(path, vocab_size: int = SMALL["vocab_size"]):
+    _tokenizer(vocab_size).save_pretrained(path)
+
+
+def make_config(model_type: str, **overrides):
+    from transformers import AutoConfig
+
+    params = {**SMALL, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3, **overrides}
+    return AutoConfig.for_model(model_type, **params)
+
+
+def randomize(model, seed: int = 0, std: float = 0.05):
+    """Redraw every parameter: matrices N(0, std), norm-like vectors 1 + N(0, 0.1), biases N(0, std)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
+            if p.ndim == 1 and "norm" in name and "bias" not in name:
+                mean = 0.0 if torch.all(p == 0) else 1.0  # (1 + w) norms are stored as zeros
+                p.copy_(mean + 0.1 * noise)
+            else:
+                p.copy_(std * noise)
+    return model
+
+
+def to_v4_style(config: dict) -> dict:
+    """Rewrite a transformers-5 config dict the way transformers 4 saved it (most of the Hub)."""
+    config = dict(config)
+    params = config.pop("rope_parameters", None)
+    if isinstance(params, dict):
+        if all(isinstance(v, dict) for v in params.values()):
+            params = params.get("full_attention", next(iter(params.values())))
+        params = dict(params)
+        if "rope_theta" in params:
+            config["rope_theta"] = params.pop("rope_theta")
+        if "partial_rotary_factor" in params:
+            config["partial_rotary_factor"] = params.pop("partial_rotary_factor")
+        if params.get("rope_type", "default") != "default":
+            config["rope_scaling"] = params
+    if "dtype" in config:
+        config["torch_dtype"] = config.pop("dtype")
+    return config
+
+
+def make_checkpoint(
+    path,
+    model_type: str,
+    dtype: str = "float32",
+    style: str = "v5",
+    shard_size=None,
+    safe: bool = True,
+    tokenizer: bool = True,
+    seed: int = 0,
+    **overrides,
+) -> Path:
+    """Write a tiny random checkpoint of `model_type` to `path` and return the path."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    config = make_config(model_type, **overrides)
+    torch.manual_seed(seed)
+    model = randomize(AutoModelForCausalLM.from_config(config), seed=seed)
+    model = model.to(getattr(torch, dtype))
+    kwargs = {"safe_serialization": safe}
+    if shard_size:
+        kwargs["max_shard_size"] = shard_size
+    model.save_pretrained(path, **kwargs)
+    if style == "v4":
+        cfg_file = path / "config.json"
+        cfg_file.write_text(json.dumps(to_v4_style(json.loads(cfg_file.read_text())), indent=2))
+    if tokenizer:
+        save_tokenizer(path, config.vocab_size)
+    return path
+
+
+def load_reference(path):
+    """The transformers model of a checkpoint folder, in float32 and eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
