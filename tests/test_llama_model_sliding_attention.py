@@ -20,7 +20,7 @@ LAYER_TYPES = ["sliding_attention", "full_attention", "sliding_attention"]
 @pytest.fixture(scope="module")
 def sliding_llama(tmp_path_factory):
     path = make_checkpoint(tmp_path_factory.mktemp("sliding") / "ckpt", "ministral", tokenizer=False,
-                           num_hidden_layers=3, layer_types=LAYER_TYPES, sliding_window=4)
+                           num_hidden_layers=3, layer_types=LAYER_TYPES, sliding_window=4, head_dim=16)
     cfg_file = path / "config.json"
     config = json.loads(cfg_file.read_text())
     config["model_type"] = "llama"

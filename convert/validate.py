@@ -1,0 +1,299 @@
+"""The validation gate: does the converted folder compute what the source checkpoint computes?
+
+Runs on the converted model reloaded from its saved files, against the transformers model of the source in float32
+(streamed one module at a time, see `reference.py`). Checks logits on fixed prompts, hidden states layer by layer,
+KV-cache and padded-batch consistency, non-finite values and tokenizer fidelity. Thresholds depend on the
+precision of the output and are listed in `THRESHOLDS`.
+"""
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_map
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n",
+    "Über naïve café — 東京 🙂, numbers 3.14159 and 2048.",
+]
+CHAT = [{"role": "user", "content": "Write one sentence about the sea."}]
+TOKENIZER_PROBES = PROMPTS + ["  leading and   inner  spaces\n\ttabs\r\n", "", "ÅÄÖ ß Ω 🤖 \u200b zero-width"]
+MAX_PROBE_TOKENS = 48
+
+# Gate thresholds per output precision: logits KL(reference || ours) averaged over positions, top-1 agreement,
+# max relative logit error (float formats only), and the hidden-state relative error that marks a layer as the
+# first one to diverge. Quantized bounds are loose enough for real models at that bit width and tight enough
+# to catch a broken conversion (a wrong layout or RoPE gives KL of several nats and random top-1).
+THRESHOLDS = {
+    "float32": dict(max_rel_error=1e-4, kl_mean=1e-6, top1=0.99, layer_error=1e-3),
+    "float16": dict(max_rel_error=2e-2, kl_mean=1e-3, top1=0.97, layer_error=3e-2),
+    "bfloat16": dict(max_rel_error=5e-2, kl_mean=5e-3, top1=0.95, layer_error=1e-1),
+    8: dict(kl_mean=0.02, top1=0.9, layer_error=0.15),
+    6: dict(kl_mean=0.06, top1=0.85, layer_error=0.3),
+    5: dict(kl_mean=0.12, top1=0.8, layer_error=0.5),
+    4: dict(kl_mean=0.3, top1=0.7, layer_error=0.8),
+    3: dict(kl_mean=0.8, top1=0.5, layer_error=1.5),
+    2: dict(kl_mean=2.5, top1=0.3, layer_error=3.0),
+}
+CONSISTENCY_TOL = 1e-3  # cache vs full and batch vs single, both in float32 activations
+
+
+@dataclass
+class Report:
+    precision: str
+    thresholds: dict
+    prompts: int = 0
+    tokens: int = 0
+    logits: dict = field(default_factory=dict)
+    layers: list = field(default_factory=list)
+    first_divergent_layer: Optional[int] = None
+    cache_rel_error: Optional[float] = None
+    batch_rel_error: Optional[float] = None
+    tokenizer: dict = field(default_factory=dict)
+    non_finite: list = field(default_factory=list)
+    failures: list = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def to_dict(self) -> dict:
+        return {"passed": self.passed, **asdict(self)}
+
+
+def precision_of(config: dict) -> tuple:
+    """(name, threshold key) of a converted folder: its quantization bits or its float dtype."""
+    quant = config.get("quantization")
+    if quant:
+        bits = min([quant["bits"]] + [v["bits"] for v in quant.values() if isinstance(v, dict) and "bits" in v])
+        mode = quant.get("mode", "affine")
+        return f"{mode} {quant['bits']}-bit (min {bits})" if bits != quant["bits"] else f"{mode} {bits}-bit", bits
+    from mlx_arch.base import source_dtype
+
+    dtype = source_dtype(config) or "float32"
+    return dtype, dtype
+
+
+# ---------------------------------------------------------------------------------------------------- metrics
+
+
+def _log_softmax(x):
+    x = x.astype(np.float64)
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def logit_metrics(ours: np.ndarray, ref: np.ndarray) -> dict:
+    """Metrics over positions (rows) of two (N, vocab) logit matrices."""
+    lp, lq = _log_softmax(ref), _log_softmax(ours)
+    kl = (np.exp(lp) * (lp - lq)).sum(-1)
+    diff = np.abs(ours.astype(np.float64) - ref)
+    cos = (ours * ref).sum(-1) / (np.linalg.norm(ours, axis=-1) * np.linalg.norm(ref, axis=-1) + 1e-30)
+    return dict(
+        max_rel_error=float(diff.max() / np.abs(ref).max()),
+        mean_rel_error=float(diff.mean() / np.abs(ref).mean()),
+        kl_mean=float(kl.mean()),
+        kl_max=float(kl.max()),
+        top1=float((ours.argmax(-1) == ref.argmax(-1)).mean()),
+        cosine=float(cos.mean()),
+    )
+
+
+def rel_error(ours, ref) -> float:
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    return float(np.abs(ours - ref).max() / max(np.abs(ref).max(), 1e-30))
+
+
+# ---------------------------------------------------------------------------------------------------- probes
+
+
+def probe_batch(tokenizer, vocab_size: int):
+    """Right-padded ids (B, L) and their mask for the fixed prompts plus a chat-templated conversation."""
+    texts = list(PROMPTS)
+    if getattr(tokenizer, "chat_template", None):
+        texts.append(tokenizer.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True))
+    rows = [tokenizer(t, add_special_tokens=True)["input_ids"][:MAX_PROBE_TOKENS] for t in texts]
+    rows = [r for r in rows if len(r) >= 2]
+    width = max(len(r) for r in rows)
+    ids = np.zeros((len(rows), width), dtype=np.int64)
+    mask = np.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = np.minimum(r, vocab_size - 1)
+        mask[i, : len(r)] = 1
+    return ids, mask
+
+
+# ---------------------------------------------------------------------------------------------------- MLX side
+
+
+def as_float32(model):
+    """Evaluate in float32 activations: on the CPU, bf16 quantized matmuls carry ~3% error of their own."""
+    floats = (mx.float16, mx.bfloat16)
+    model.update(tree_map(lambda p: p.astype(mx.float32) if p.dtype in floats else p, model.parameters()))
+    return model
+
+
+def mlx_forward(model, ids):
+    """(logits, [hidden states after each layer]) of our model, one layer at a time."""
+    x = mx.array(ids)
+    h = model.embed(x)
+    outputs = []
+    for layer, mask in zip(model.layers, model.masks(h)):
+        h = layer(h, mask, None)
+        mx.eval(h)
+        outputs.append(np.array(h.astype(mx.float32)))
+    return np.array(model.head(h).astype(mx.float32)), outputs
+
+
+def cache_consistency(model, ids, length: int) -> float:
+    """Relative error between a full forward and prefill + token-by-token decode through the cache."""
+    from mlx_arch.cache import make_prompt_cache
+
+    row = mx.array(ids[:1, :length])
+    full = model(row)
+    cache = make_prompt_cache(model)
+    split = max(1, length // 2)
+    parts = [model(row[:, :split], cache=cache)]
+    parts += [model(row[:, i : i + 1], cache=cache) for i in range(split, length)]
+    return rel_error(np.array(mx.concatenate(parts, axis=1)), np.array(full))
+
+
+def batch_consistency(model, ids, mask, batch_logits) -> float:
+    """Largest relative error between each padded-batch row and the same prompt run alone."""
+    worst = 0.0
+    for i in range(ids.shape[0]):
+        n = int(mask[i].sum())
+        alone = np.array(model(mx.array(ids[i : i + 1, :n]))[0])
+        worst = max(worst, rel_error(batch_logits[i, :n], alone))
+    return worst
+
+
+def non_finite_tensors(folder) -> list:
+    """Names of saved tensors holding NaN or infinity."""
+    bad = []
+    for f in sorted(Path(folder).glob("model*.safetensors")):
+        for name, w in mx.load(str(f)).items():
+            if mx.issubdtype(w.dtype, mx.floating) and not mx.all(mx.isfinite(w)).item():
+                bad.append(name)
+    return bad
+
+
+# ---------------------------------------------------------------------------------------------------- tokenizer
+
+
+def tokenizer_fidelity(source, output) -> dict:
+    """Source and output tokenizers must encode identically and keep special tokens and the chat template."""
+    from transformers import AutoTokenizer
+
+    src = AutoTokenizer.from_pretrained(source)
+    out = AutoTokenizer.from_pretrained(output)
+    mismatches = []
+    probes = TOKENIZER_PROBES + [t for t in (src.bos_token, src.eos_token) if t]
+    for text in probes:
+        if src(text)["input_ids"] != out(text)["input_ids"]:
+            mismatches.append(f"encodes {text[:30]!r} differently")
+    for attr in ("bos_token", "eos_token", "chat_template"):
+        if getattr(src, attr, None) != getattr(out, attr, None):
+            mismatches.append(f"{attr} differs")
+    if src.chat_template and out.chat_template:
+        a = src.apply_chat_template(CHAT, tokenize=True, add_generation_prompt=True)
+        b = out.apply_chat_template(CHAT, tokenize=True, add_generation_prompt=True)
+        if a != b:
+            mismatches.append("chat-templated conversation encodes differently")
+    return {"passed": not mismatches, "probes": len(probes), "mismatches": mismatches}, src
+
+
+# ---------------------------------------------------------------------------------------------------- the gate
+
+
+def validate(source, output) -> Report:
+    """Validate the converted folder `output` against the source checkpoint folder `source`."""
+    from mlx_arch import load_model
+
+    from .reference import CheckpointReader, StreamedForward, build_reference
+
+    model, config = load_model(output)
+    precision, key = precision_of(config)
+    report = Report(precision=precision, thresholds=THRESHOLDS[key])
+
+    report.tokenizer, tokenizer = tokenizer_fidelity(source, output)
+    if not report.tokenizer["passed"]:
+        report.failures += [f"tokenizer: {m}" for m in report.tokenizer["mismatches"]]
+
+    report.non_finite = non_finite_tensors(output)
+    if report.non_finite:
+        report.failures.append(f"non-finite values in {', '.join(report.non_finite[:5])}")
+
+    ids, mask = probe_batch(tokenizer, config["vocab_size"])
+    report.prompts, report.tokens = ids.shape[0], int(mask.sum())
+    ref_logits, ref_layers = StreamedForward(build_reference(source), CheckpointReader(source))(ids, mask)
+    logits, layers = mlx_forward(as_float32(model), ids)
+    compare_outputs(report, mask, logits, layers, ref_logits, ref_layers)
+
+    report.cache_rel_error = cache_consistency(model, ids, int(mask[0].sum()))
+    report.batch_rel_error = batch_consistency(model, ids, mask, logits)
+    for name, err in (("cache decode vs full forward", report.cache_rel_error),
+                      ("padded batch vs single", report.batch_rel_error)):
+        if not err <= CONSISTENCY_TOL:
+            report.failures.append(f"{name}: relative error {err:.2e} > {CONSISTENCY_TOL:.0e}")
+    return report
+
+
+def compare_outputs(report, mask, logits, layers, ref_logits, ref_layers):
+    """Fill the logit metrics and the per-layer report; record failures against the thresholds."""
+    real = mask.astype(bool)
+    if not np.isfinite(logits[real]).all():
+        report.failures.append("non-finite logits")
+        return
+    report.logits = logit_metrics(logits[real], ref_logits[real])
+    t = report.thresholds
+    for i, (ours, ref) in enumerate(zip(layers, ref_layers)):
+        err = rel_error(ours[real], ref[real])
+        report.layers.append({"layer": i, "rel_error": err})
+        if report.first_divergent_layer is None and not err <= t["layer_error"]:
+            report.first_divergent_layer = i
+    m = report.logits
+    bounds = {"kl_mean": m["kl_mean"] <= t["kl_mean"], "top1": m["top1"] >= t["top1"]}
+    if "max_rel_error" in t:
+        bounds["max_rel_error"] = m["max_rel_error"] <= t["max_rel_error"]
+    broken = [f"{name} {m[name]:.3g} (bound {t[name]})" for name, ok in bounds.items() if not ok]
+    if broken:
+        where = report.first_divergent_layer
+        report.failures.append("logits differ from the reference: " + ", ".join(broken)
+                               + (f"; first diverging layer: {where}" if where is not None else ""))
+
+
+def write_report(report: Report, folder) -> Path:
+    path = Path(folder) / "validation.json"
+    path.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    return path
+
+
+def summary_table(report: Report) -> str:
+    """A Markdown table of the main numbers, for the terminal and the model card."""
+    m = report.logits
+    rows = [
+        ("result", "passed" if report.passed else "FAILED: " + "; ".join(report.failures)),
+        ("precision", report.precision),
+        ("probe prompts / tokens", f"{report.prompts} / {report.tokens}"),
+    ]
+    if m:
+        rows += [
+            ("KL divergence (mean / max)", f"{m['kl_mean']:.3g} / {m['kl_max']:.3g}"),
+            ("top-1 agreement", f"{m['top1']:.1%}"),
+            ("cosine similarity", f"{m['cosine']:.6f}"),
+            ("max / mean relative logit error", f"{m['max_rel_error']:.2e} / {m['mean_rel_error']:.2e}"),
+        ]
+    if report.layers:
+        worst = max(report.layers, key=lambda r: r["rel_error"])
+        rows.append(("worst layer (hidden-state rel. error)", f"{worst['layer']} ({worst['rel_error']:.2e})"))
+    if report.cache_rel_error is not None:
+        rows.append(("cache decode vs full forward", f"{report.cache_rel_error:.2e}"))
+        rows.append(("padded batch vs single", f"{report.batch_rel_error:.2e}"))
+    rows.append(("tokenizer", "identical" if report.tokenizer.get("passed") else "DIFFERS"))
+    lines = ["| check | value |", "|---|---|"] + [f"| {a} | {b} |" for a, b in rows]
+    return "\n".join(lines)
