@@ -1,0 +1,87 @@
+"""The validation gate accepts faithful conversions and refuses broken ones, naming what is wrong."""
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from checkpoints import make_checkpoint
+from convert.validate import THRESHOLDS, summary_table, validate, write_report
+from mlx_folders import write_mlx_folder
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("src") / "llama", "llama", num_hidden_layers=3,
+                           rope_parameters={"rope_type": "default", "rope_theta": 50000.0})
+
+
+def test_float32_conversion_passes_near_exactly(source, tmp_path):
+    report = validate(source, write_mlx_folder(source, tmp_path / "out"))
+    assert report.passed, report.failures
+    assert report.logits["max_rel_error"] <= 1e-4
+    assert report.logits["top1"] == 1.0
+    assert len(report.layers) == 3 and all(r["rel_error"] <= 1e-4 for r in report.layers)
+    assert report.cache_rel_error <= 1e-4 and report.batch_rel_error <= 1e-4
+    assert report.prompts >= 4 and report.tokenizer["passed"]
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_conversion_passes_within_its_bounds(source, tmp_path, bits):
+    report = validate(source, write_mlx_folder(source, tmp_path / "q", bits=bits))
+    assert report.passed, report.failures
+    assert report.precision == f"affine {bits}-bit"
+    assert 0 < report.logits["kl_mean"] <= THRESHOLDS[bits]["kl_mean"]
+
+
+def test_diverging_layer_is_named(source, tmp_path):
+    def break_layer_1(w):
+        w["model.layers.1.self_attn.q_proj.weight"] = mx.concatenate([w["model.layers.1.self_attn.k_proj.weight"]] * 2)
+
+    report = validate(source, write_mlx_folder(source, tmp_path / "bad", mutate=break_layer_1))
+    assert not report.passed
+    assert report.first_divergent_layer == 1
+    assert report.layers[0]["rel_error"] <= 1e-4
+    assert any("first diverging layer: 1" in f for f in report.failures)
+
+
+def test_nan_weight_is_refused_by_name(source, tmp_path):
+    def poison(w):
+        w["model.layers.0.mlp.up_proj.weight"] = mx.where(mx.arange(128)[:, None] == 5, mx.nan,
+                                                          w["model.layers.0.mlp.up_proj.weight"])
+
+    report = validate(source, write_mlx_folder(source, tmp_path / "nan", mutate=poison))
+    assert not report.passed
+    assert report.non_finite == ["model.layers.0.mlp.up_proj.weight"]
+    assert any("model.layers.0.mlp.up_proj.weight" in f for f in report.failures)
+
+
+def test_tokenizer_that_encodes_differently_is_refused(source, tmp_path):
+    out = write_mlx_folder(source, tmp_path / "tok")
+    tok = json.loads((out / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    vocab["e"], vocab["t"] = vocab["t"], vocab["e"]  # two common byte tokens swap ids
+    (out / "tokenizer.json").write_text(json.dumps(tok))
+    report = validate(source, out)
+    assert not report.passed
+    assert not report.tokenizer["passed"] and report.tokenizer["mismatches"]
+
+
+def test_broken_cache_is_caught(source, tmp_path, monkeypatch):
+    from mlx_arch.cache import KVCache
+
+    out = write_mlx_folder(source, tmp_path / "cache")
+    monkeypatch.setattr(KVCache, "make_mask", lambda self, N, window_size=None: None)  # prefill sees the future
+    report = validate(source, out)
+    assert report.cache_rel_error > 1e-2
+    assert any("cache decode" in f for f in report.failures)
+
+
+def test_report_is_written_and_summarised(source, tmp_path):
+    out = write_mlx_folder(source, tmp_path / "out")
+    report = validate(source, out)
+    saved = json.loads(write_report(report, out).read_text())
+    assert saved["passed"] is True and saved["logits"]["top1"] == 1.0
+    table = summary_table(report)
+    assert "| top-1 agreement (all / decided positions) | 100.0% / 100.0% |" in table and "KL divergence" in table
