@@ -1,0 +1,139 @@
+"""`convert()`: the whole pipeline as small stages, data flowing one way:
+plan -> pre-flight -> fetch -> load -> build (sanitize + strict load) -> cast / quantize -> save (staging)
+-> validate -> card -> rename into place -> upload."""
+
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+from mlx.utils import tree_flatten
+
+from . import card, quantize as q, save, source, validate
+from .errors import ConvertError
+from .plan import ConvertPlan
+
+
+@dataclass
+class ConvertResult:
+    path: Path
+    size_bytes: int
+    bits_per_weight: float
+    parameters: int
+    seconds: float
+    quantization: Optional[dict] = None
+    skipped_layers: list = field(default_factory=list)
+    validation: Optional[validate.Report] = None
+    published: Optional[object] = None
+
+
+def default_mlx_path(plan_args: dict) -> Path:
+    name = Path(plan_args["hf_path"].rstrip("/")).name
+    if plan_args.get("quant_recipe"):
+        suffix = plan_args["quant_recipe"].replace("_", "-")
+    elif plan_args.get("quantize"):
+        mode = plan_args.get("q_mode") or "affine"
+        suffix = f"{plan_args.get('q_bits') or 4}bit" if mode == "affine" else mode
+    else:
+        suffix = plan_args.get("dtype") or "mlx"
+    return Path(f"{name}-{suffix}" if suffix != "mlx" else f"{name}-mlx")
+
+
+def convert(hf_path: str, mlx_path=None, **options) -> ConvertResult:
+    """Convert `hf_path` (Hub repo id or folder) to MLX; options are ConvertPlan's fields."""
+    progress = options.pop("progress", None)
+    log = options.pop("log", None)
+    args = {"hf_path": hf_path, **options}
+    plan = ConvertPlan(mlx_path=Path(mlx_path) if mlx_path else default_mlx_path(args), **args)
+    return run(plan, progress=progress, log=log)
+
+
+def run(plan: ConvertPlan, progress: Optional[Callable] = None, log: Optional[Callable] = None) -> ConvertResult:
+    log = log or (lambda message: None)
+    start = time.time()
+    save.check_target(plan.mlx_path, plan.overwrite)
+    src = source.preflight(plan)
+    log(f"pre-flight: {src.config['model_type']} from {src.repo_id or src.folder}, weights: "
+        f"{len(src.weight_files)} file(s)")
+    folder = source.fetch(plan, src)
+    weights = source_weights(folder, src, progress)
+    model = q.build_model(src.config, weights)
+    dtype = q.target_dtype(plan, src.config)
+    quant = q.QuantReport()
+    if plan.dequantize:
+        q.dequantize(model, dtype)
+    else:
+        q.cast(model, dtype)
+        if plan.quantize:
+            quant = q.quantize(model, plan)
+    for skipped in quant.skipped:
+        log(f"kept in full precision: {skipped}")
+    n_params = q.parameter_count(model)
+    weights = dict(tree_flatten(model.parameters()))
+    del model  # the shards below evaluate lazily; nothing else may keep the arrays alive
+
+    with save.staging(plan.mlx_path, plan.overwrite) as tmp:
+        shard_progress = (lambda it: progress(it, desc="save", unit="shard")) if progress else None
+        size = save.write_weights(weights, tmp, plan.max_shard_size, shard_progress)
+        (tmp / "config.json").write_text(json.dumps(save.output_config(src.config, dtype, quant.config), indent=2))
+        save.copy_side_files(folder, tmp)
+        result = ConvertResult(plan.mlx_path, size, size * 8 / n_params, n_params, 0.0, quant.config, quant.skipped)
+        result.validation = gate(plan, folder, tmp, log)
+        write_card(plan, src, folder, tmp, dtype, result)
+    result.seconds = time.time() - start
+    if plan.upload_repo:
+        result.published = upload(plan, src, result, log)
+    return result
+
+
+def source_weights(folder, src, progress):
+    from .load import load_weights
+
+    wrap = (lambda files: progress(files, desc="load", unit="file")) if progress else None
+    return load_weights(folder, src.weight_files, wrap)
+
+
+def gate(plan: ConvertPlan, source_folder: Path, out: Path, log) -> Optional[validate.Report]:
+    """Validate the saved files; a failure keeps the output aside as `<path>.rejected` and stops the run."""
+    if plan.skip_validation:
+        log("validation skipped (--skip-validation): the card says so")
+        return None
+    log("validating against the transformers reference...")
+    report = validate.validate(source_folder, out)
+    validate.write_report(report, out)
+    log(validate.summary_table(report))
+    if not report.passed:
+        rejected = plan.mlx_path.absolute().with_name(plan.mlx_path.name + ".rejected")
+        shutil.rmtree(rejected, ignore_errors=True)
+        shutil.copytree(out, rejected)
+        raise ConvertError(f"validation failed: {'; '.join(report.failures)}; nothing was published; the output "
+                           f"is kept for inspection in {rejected}")
+    return report
+
+
+def write_card(plan, src, source_folder, out, dtype, result):
+    meta = card.source_metadata(source_folder)
+    base = src.repo_id  # a local folder has no Hub id to point at
+    summary = (validate.summary_table(result.validation) if result.validation is not None else
+               "**Not validated**: the conversion was run with `--skip-validation`.")
+    text = card.render_card(repo_name=plan.mlx_path.name, base_model=base, source_meta=meta, commit=src.commit,
+                            recipe=plan.recipe_name, dtype=dtype, bits_per_weight=result.bits_per_weight,
+                            quantized=plan.quantize, validation=summary, skipped_layers=result.skipped_layers,
+                            upload_repo=plan.upload_repo)
+    (out / "README.md").write_text(text)
+
+
+def upload(plan, src, result, log):
+    from .publish import PublishError, publish
+
+    message = f"Upload {plan.upload_repo}: MLX conversion of {src.repo_id or plan.mlx_path.name} ({plan.recipe_name})"
+    try:
+        published = publish(plan.mlx_path, plan.upload_repo, message, private=plan.private, token=plan.token,
+                            endpoint=source.hub_endpoint(plan), dry_run=plan.dry_run,
+                            description=f"Converted with mlx-convert from revision {src.commit or 'local'}.")
+    except PublishError as e:
+        raise ConvertError(str(e)) from None
+    log(("would publish" if plan.dry_run else "published") + f" {len(published.files)} files to {published.url}")
+    return published

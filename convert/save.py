@@ -1,0 +1,110 @@
+"""Writing the output folder in the layout mlx-lm reads, into a staging folder that is renamed into place only
+when complete. Shards are evaluated one at a time, so peak memory is bounded by the shard size."""
+
+import contextlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import mlx.core as mx
+
+from .errors import ConvertError
+
+COPIED_FILES = [
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.model",
+    "vocab.json", "merges.txt", "vocab.txt", "chat_template.jinja", "chat_template.json", "generation_config.json",
+    "LICENSE", "LICENSE.txt", "LICENSE.md", "NOTICE",
+]
+
+
+def plan_shards(weights: dict, max_bytes: int) -> list:
+    """Names per shard, in order, each shard at most max_bytes (a single larger tensor gets its own shard)."""
+    shards, current, size = [], [], 0
+    for name in sorted(weights):
+        nbytes = weights[name].nbytes
+        if current and size + nbytes > max_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append(name)
+        size += nbytes
+    return shards + [current] if current else shards
+
+
+def write_weights(weights: dict, folder: Path, max_bytes: int, progress=None) -> int:
+    """Write shards and the index; `weights` is emptied as shards are written so their memory can be freed."""
+    shards = plan_shards(weights, max_bytes)
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    weight_map, total = {}, 0
+    for keys, file in zip(progress(shards) if progress else shards, names):
+        part = {k: weights.pop(k) for k in keys}
+        mx.save_safetensors(str(folder / file), part, metadata={"format": "mlx"})
+        total += sum(v.nbytes for v in part.values())
+        weight_map.update({k: file for k in keys})
+        del part
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return total
+
+
+def output_config(config: dict, dtype: str, quantization=None) -> dict:
+    """The source config plus what mlx-lm needs: quantization, and transformers-4 RoPE keys, which mlx-lm reads
+    instead of `rope_parameters` (without them it silently uses the default base)."""
+    out = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
+    out["torch_dtype" if "torch_dtype" in config else "dtype"] = dtype
+    params = config.get("rope_parameters")
+    if isinstance(params, dict) and "rope_theta" not in config:
+        from mlx_arch.base import rope_config, rope_scaling
+
+        rope = rope_config(config)
+        if "rope_theta" in rope:
+            out["rope_theta"] = rope["rope_theta"]
+        if "partial_rotary_factor" in rope and "partial_rotary_factor" not in config:
+            out["partial_rotary_factor"] = rope["partial_rotary_factor"]
+        scaling = rope_scaling(rope)
+        if scaling and "rope_scaling" not in config:
+            out["rope_scaling"] = scaling
+    if quantization:
+        out["quantization"] = quantization
+        out["quantization_config"] = quantization
+    return out
+
+
+def copy_side_files(source: Path, folder: Path) -> list:
+    """Tokenizer files, chat templates, generation config and license, byte for byte."""
+    copied = []
+    for name in COPIED_FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, folder / name)
+            copied.append(name)
+    return copied
+
+
+def check_target(target: Path, overwrite: bool):
+    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
+        raise ConvertError(f"{target} already exists and is not empty: choose another --mlx-path or pass "
+                           "--overwrite")
+
+
+@contextlib.contextmanager
+def staging(target: Path, overwrite: bool):
+    """A temporary sibling folder, renamed to `target` on success and removed on failure."""
+    target = Path(target).absolute()
+    check_target(target, overwrite)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if target.exists():
+        old = target.parent / f".{target.name}.old-{os.getpid()}"
+        target.rename(old)
+    tmp.rename(target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

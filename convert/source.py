@@ -1,0 +1,164 @@
+"""Pre-flight and fetch: learn what the source is from its config and file list alone, refuse what we cannot
+convert before any weight is downloaded, then download exactly the files we need."""
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import mlx_arch
+
+from .errors import ConvertError
+from .plan import ConvertPlan
+
+SIDE_FILES = [
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "added_tokens.json", "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "chat_template.jinja",
+    "chat_template.json", "README.md", "LICENSE", "LICENSE.txt", "LICENSE.md", "NOTICE",
+]
+INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+@dataclass
+class Source:
+    """What pre-flight learned: the config, which weight files to read, and where they come from."""
+
+    config: dict
+    weight_files: list
+    repo_id: Optional[str] = None  # None for a local folder
+    commit: Optional[str] = None
+    folder: Optional[Path] = None
+    files: list = field(default_factory=list)
+
+
+def hub_endpoint(plan: ConvertPlan) -> Optional[str]:
+    # Read at call time: huggingface_hub reads HF_ENDPOINT only when it is imported.
+    return plan.endpoint or os.environ.get("HF_ENDPOINT") or None
+
+
+def choose_weight_files(files: list, read_index) -> list:
+    """The weight files to read: safetensors preferred, through the index when sharded; `.bin` otherwise."""
+    names = set(files)
+    for index, single in zip(INDEXES, ("model.safetensors", "pytorch_model.bin")):
+        if index in names:
+            return sorted(set(read_index(index)["weight_map"].values()))
+        if single in names:
+            return [single]
+    shards = sorted(f for f in names if "/" not in f and f.endswith(".safetensors"))
+    if shards:
+        return shards
+    raise ConvertError("no weights found (model*.safetensors or pytorch_model*.bin): is this a model repo?")
+
+
+def check_source(config: dict, files: list, plan: ConvertPlan):
+    """Refusals that need only the config and the file list."""
+    if "auto_map" in config or any(f.endswith(".py") for f in files):
+        raise ConvertError("this checkpoint ships its own modeling code (auto_map / *.py); mlx-convert never runs "
+                           "checkpoint code: convert a checkpoint of a transformers architecture instead")
+    model_type = config.get("model_type")
+    if not model_type:
+        raise ConvertError("config.json has no model_type: cannot tell the architecture")
+    try:
+        mlx_arch.get_architecture(model_type)
+    except mlx_arch.UnsupportedArchitecture as e:
+        raise ConvertError(str(e)) from None
+    quant = config.get("quantization_config")
+    if quant and "quantization" not in config:
+        method = quant.get("quant_method", "unknown")
+        raise ConvertError(f"the source is already quantized ({method}); convert its unquantized original instead")
+    if plan.dequantize and "quantization" not in config:
+        raise ConvertError("--dequantize needs an MLX-quantized source (config.json has no 'quantization')")
+    if plan.quantize and "quantization" in config:
+        raise ConvertError("the source is already MLX-quantized: --dequantize it first, or convert the original")
+
+
+def preflight(plan: ConvertPlan) -> Source:
+    local = Path(plan.hf_path)
+    if local.is_dir():
+        return _local_source(local, plan)
+    if local.exists() or plan.hf_path.startswith((".", "/")) or plan.hf_path.count("/") > 1:
+        raise ConvertError(f"{plan.hf_path} is neither a folder nor a Hub repo id (org/name)")
+    return _hub_source(plan)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConvertError(f"{path.name} is missing in {path.parent}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConvertError(f"{path} is not valid JSON ({e})") from None
+
+
+def _local_source(folder: Path, plan: ConvertPlan) -> Source:
+    files = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
+    config = _read_json(folder / "config.json")
+    check_source(config, files, plan)
+    weights = choose_weight_files(files, lambda name: _read_json(folder / name))
+    return Source(config, weights, folder=folder, files=files)
+
+
+def _hub_source(plan: ConvertPlan) -> Source:
+    from huggingface_hub import HfApi, hf_hub_download
+
+    endpoint = hub_endpoint(plan)
+    with hub_errors(plan.hf_path, endpoint):
+        info = HfApi(endpoint=endpoint, token=plan.token).model_info(plan.hf_path, revision=plan.revision)
+        files = [s.rfilename for s in info.siblings or []]
+        if "config.json" not in files:
+            raise ConvertError(f"{plan.hf_path} has no config.json: not a transformers checkpoint")
+
+        def download(name):
+            return _read_json(Path(hf_hub_download(plan.hf_path, name, revision=info.sha, endpoint=endpoint,
+                                                   token=plan.token)))
+
+        config = download("config.json")
+        check_source(config, files, plan)
+        weights = choose_weight_files(files, download)
+    return Source(config, weights, repo_id=plan.hf_path, commit=info.sha, files=files)
+
+
+def fetch(plan: ConvertPlan, source: Source) -> Path:
+    """Download the weights and side files (a local folder is used in place)."""
+    if source.folder is not None:
+        return source.folder
+    from huggingface_hub import snapshot_download
+
+    wanted = [f for f in SIDE_FILES + list(INDEXES) + source.weight_files if f in source.files]
+    endpoint = hub_endpoint(plan)
+    with hub_errors(plan.hf_path, endpoint):
+        path = snapshot_download(source.repo_id, revision=source.commit, allow_patterns=wanted, endpoint=endpoint,
+                                 token=plan.token)
+    source.folder = Path(path)
+    return source.folder
+
+
+class hub_errors:
+    """Turn huggingface_hub and network errors into one-line ConvertErrors (never echoing a token)."""
+
+    def __init__(self, repo_id, endpoint):
+        self.repo_id, self.endpoint = repo_id, endpoint or "https://huggingface.co"
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, tb):
+        if error is None or isinstance(error, ConvertError):
+            return False
+        from huggingface_hub import errors
+
+        if isinstance(error, errors.RevisionNotFoundError):
+            raise ConvertError(f"{self.repo_id}: revision not found; check --revision") from None
+        if isinstance(error, errors.RepositoryNotFoundError):
+            raise ConvertError(f"{self.repo_id} not found on {self.endpoint} (if it is private or gated, log in "
+                               "with `hf auth login` or set HF_TOKEN)") from None
+        if isinstance(error, errors.EntryNotFoundError):
+            raise ConvertError(f"{self.repo_id}: a file listed by the Hub is missing ({error})") from None
+        if isinstance(error, errors.OfflineModeIsEnabled) or "offline" in type(error).__name__.lower():
+            raise ConvertError(f"HF_HUB_OFFLINE is set and {self.repo_id} is not in the local cache: unset it or "
+                               "pass a local folder") from None
+        if isinstance(error, (OSError, ConnectionError)) or "Connect" in type(error).__name__:
+            raise ConvertError(f"cannot reach {self.endpoint} ({type(error).__name__}); check the network or "
+                               "HF_ENDPOINT, or pass a local folder") from None
+        return False
