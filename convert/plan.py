@@ -49,7 +49,12 @@ class ConvertPlan:
 
     def _quant_defaults(self):
         if self.q_mode in FP_MODES:
-            return FP_MODES[self.q_mode]
+            bits, group = FP_MODES[self.q_mode]
+            if self.q_bits not in (None, bits) or self.q_group_size not in (None, group):
+                raise ConvertError(f"--q-mode {self.q_mode} fixes {bits} bits and group size {group}")
+            return bits, group
+        if self.quant_recipe in RECIPES:
+            return RECIPES[self.quant_recipe][0], self.q_group_size or 64
         return self.q_bits or 4, self.q_group_size or 64
 
     def _check(self):
@@ -62,9 +67,6 @@ class ConvertPlan:
         if not self.quantize:
             return
         if self.q_mode in FP_MODES:
-            bits, group = FP_MODES[self.q_mode]
-            if (self.q_bits, self.q_group_size) != (bits, group):
-                raise ConvertError(f"--q-mode {self.q_mode} fixes {bits} bits and group size {group}")
             if self.quant_recipe:
                 raise ConvertError("mixed recipes apply to --q-mode affine only")
             return
