@@ -30,6 +30,9 @@ def rope_config(config: dict, layer_type: str = "full_attention") -> dict:
         for key in _ROPE_FIELDS:
             if key in config and config[key] is not None:
                 scaling.setdefault(key, config[key])
+        # Some families (phi3) keep this next to rope_scaling rather than inside it.
+        if scaling.get("rope_type") and config.get("original_max_position_embeddings"):
+            scaling.setdefault("original_max_position_embeddings", config["original_max_position_embeddings"])
         return scaling
     if layer_type in params and isinstance(params[layer_type], dict):
         return dict(params[layer_type])

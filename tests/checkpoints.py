@@ -121,10 +121,13 @@ def make_checkpoint(
     torch.manual_seed(seed)
     model = randomize(AutoModelForCausalLM.from_config(config), seed=seed)
     model = model.to(getattr(torch, dtype))
-    kwargs = {"safe_serialization": safe}
-    if shard_size:
-        kwargs["max_shard_size"] = shard_size
+    kwargs = {"max_shard_size": shard_size} if shard_size else {}
     model.save_pretrained(path, **kwargs)
+    if not safe:
+        # transformers 5 only writes safetensors: write the legacy pickle layout ourselves.
+        for f in path.glob("model*.safetensors*"):
+            f.unlink()
+        torch.save({k: v.contiguous() for k, v in model.state_dict().items()}, path / "pytorch_model.bin")
     if style == "v4":
         cfg_file = path / "config.json"
         cfg_file.write_text(json.dumps(to_v4_style(json.loads(cfg_file.read_text())), indent=2))

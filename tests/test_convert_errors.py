@@ -1,0 +1,145 @@
+"""Bad input gets a one-line ConvertError that says what is wrong and what to do, before any weight is read,
+and leaves no output behind."""
+
+import json
+import pytest
+import torch
+from click.testing import CliRunner
+
+from checkpoints import make_checkpoint
+from convert import ConvertError, convert
+from convert.cli import main
+
+
+class Payload:
+    def __reduce__(self):
+        return (print, ("this would run at unpickling time",))
+
+
+@pytest.fixture
+def src(tmp_path):
+    return make_checkpoint(tmp_path / "src", "llama")
+
+
+def edit_config(path, **changes):
+    config = json.loads((path / "config.json").read_text())
+    config.update(changes)
+    (path / "config.json").write_text(json.dumps(config))
+
+
+def refuse(src, tmp_path, match, **options):
+    with pytest.raises(ConvertError, match=match) as info:
+        convert(str(src), tmp_path / "out", **options)
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+    return str(info.value)
+
+
+def test_unknown_architecture_lists_the_supported_ones(src, tmp_path):
+    edit_config(src, model_type="mamba9")
+    message = refuse(src, tmp_path, "model_type 'mamba9' is not supported")
+    assert "llama" in message and "qwen3" in message
+
+
+def test_remote_code_is_refused(src, tmp_path):
+    edit_config(src, auto_map={"AutoModelForCausalLM": "modeling_custom.CustomModel"})
+    refuse(src, tmp_path, "never runs checkpoint code")
+
+
+def test_already_quantized_source_is_refused(src, tmp_path):
+    edit_config(src, quantization_config={"quant_method": "gptq", "bits": 4})
+    refuse(src, tmp_path, r"already quantized \(gptq\)")
+
+
+def test_truncated_safetensors(src, tmp_path):
+    data = (src / "model.safetensors").read_bytes()
+    (src / "model.safetensors").write_bytes(data[: len(data) - 1000])
+    refuse(src, tmp_path, "model.safetensors is truncated or corrupt")
+
+
+def test_garbage_safetensors(src, tmp_path):
+    (src / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
+    refuse(src, tmp_path, "not a valid safetensors file")
+
+
+def test_pickle_with_code_is_refused(tmp_path):
+    src = make_checkpoint(tmp_path / "src", "llama", safe=False)
+    state = torch.load(src / "pytorch_model.bin", weights_only=True)
+    state["evil"] = Payload()  # an arbitrary object: only the weights-only unpickler stops it
+    torch.save(state, src / "pytorch_model.bin")
+    refuse(src, tmp_path, "never unpickles arbitrary code")
+
+
+def test_missing_key_is_named(src, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    weights = load_file(src / "model.safetensors")
+    del weights["model.layers.1.mlp.up_proj.weight"]
+    weights["model.layers.1.mlp.extra.weight"] = weights["model.norm.weight"]
+    save_file(weights, src / "model.safetensors")
+    message = refuse(src, tmp_path, "missing keys: model.layers.1.mlp.up_proj.weight")
+    assert "unexpected keys: model.layers.1.mlp.extra.weight" in message
+
+
+def test_missing_config(src, tmp_path):
+    (src / "config.json").unlink()
+    refuse(src, tmp_path, "config.json is missing")
+
+
+def test_existing_target_is_kept(src, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    with pytest.raises(ConvertError, match="already exists and is not empty"):
+        convert(str(src), tmp_path / "out")
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+    result = convert(str(src), tmp_path / "out", overwrite=True, skip_validation=True)
+    assert not (result.path / "keep.txt").exists() and (result.path / "model.safetensors").exists()
+
+
+def test_failure_during_save_leaves_nothing(src, tmp_path, monkeypatch):
+    import convert.save as save
+
+    def explode(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(save, "copy_side_files", explode)
+    with pytest.raises(OSError):
+        convert(str(src), tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_dead_network_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
+    refuse("org/model", tmp_path, "cannot reach http://127.0.0.1:9")
+
+
+def test_cli_prints_one_line_error_and_exit_code(src, tmp_path, capsys):
+    edit_config(src, model_type="mamba9")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--hf-path", str(src), "--mlx-path", str(tmp_path / "out")])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("Error: model_type 'mamba9' is not supported")
+    assert "Traceback" not in "\n".join(err)
+
+
+def test_cli_help_explains_the_flags():
+    from convert.cli import cli
+
+    text = CliRunner().invoke(cli, ["--help"]).output
+    for flag in ("--hf-path", "--revision", "--mlx-path", "--quantize", "--q-bits", "--q-group-size", "--q-mode",
+                 "--quant-recipe", "--quant-predicate", "--dtype", "--dequantize", "--upload-repo", "--private",
+                 "--skip-validation", "--dry-run", "--max-shard-size", "--overwrite", "HF_TOKEN"):
+        assert flag in text, flag
+
+
+def test_cli_converts(src, tmp_path):
+    from convert.cli import cli
+
+    result = CliRunner().invoke(cli, ["--hf-path", str(src), "--mlx-path", str(tmp_path / "out"), "-q",
+                                      "--quant-predicate", "mixed_4_6"])
+    assert result.exit_code == 0, result.output
+    assert "Validation: passed" in result.output and "bits per weight" in result.output
+    quant = json.loads((tmp_path / "out" / "config.json").read_text())["quantization"]
+    assert quant["bits"] == 4 and quant["model.embed_tokens"]["bits"] == 6
