@@ -233,9 +233,8 @@ def tokenizer_fidelity(source, output) -> dict:
         if getattr(src, attr, None) != getattr(out, attr, None):
             mismatches.append(f"{attr} differs")
     if src.chat_template and out.chat_template:
-        a = src.apply_chat_template(CHAT, tokenize=True, add_generation_prompt=True)
-        b = out.apply_chat_template(CHAT, tokenize=True, add_generation_prompt=True)
-        if a != b:
+        texts = [t.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True) for t in (src, out)]
+        if texts[0] != texts[1] or src(texts[0])["input_ids"] != out(texts[1])["input_ids"]:
             mismatches.append("chat-templated conversation encodes differently")
     return {"passed": not mismatches, "probes": len(probes), "mismatches": mismatches}, src
 
