@@ -71,13 +71,18 @@ def run(plan: ConvertPlan, progress: Optional[Callable] = None, log: Optional[Ca
     for skipped in quant.skipped:
         log(f"kept in full precision: {skipped}")
     n_params = q.parameter_count(model)
+    config = dict(src.config)
+    # State the resolved head tying: readers default differently when the key is absent (mlx-lm assumes tied).
+    tied = getattr(model.args, "tie_word_embeddings", None)
+    if tied is not None:
+        config.setdefault("tie_word_embeddings", tied)
     weights = dict(tree_flatten(model.parameters()))
     del model  # the shards below evaluate lazily; nothing else may keep the arrays alive
 
     with save.staging(plan.mlx_path, plan.overwrite) as tmp:
         shard_progress = (lambda it: progress(it, desc="save", unit="shard")) if progress else None
         size = save.write_weights(weights, tmp, plan.max_shard_size, shard_progress)
-        (tmp / "config.json").write_text(json.dumps(save.output_config(src.config, dtype, quant.config), indent=2))
+        (tmp / "config.json").write_text(json.dumps(save.output_config(config, dtype, quant.config), indent=2))
         save.copy_side_files(folder, tmp)
         result = ConvertResult(plan.mlx_path, size, size * 8 / n_params, n_params, 0.0, quant.config, quant.skipped)
         result.validation = gate(plan, folder, tmp, log)

@@ -77,3 +77,14 @@ def test_dequantize_round_trip(tmp_path):
     config = json.loads((floats.path / "config.json").read_text())
     assert "quantization" not in config
     assert rel_error(ours(floats.path), ours(quantized.path)) <= 1e-5
+
+
+def test_untied_head_without_the_key_stays_untied_in_mlx_lm(tmp_path):
+    """transformers' llama defaults to an untied head; mlx-lm assumes tied when the key is absent."""
+    src = make_checkpoint(tmp_path / "src", "llama")
+    config = json.loads((src / "config.json").read_text())
+    del config["tie_word_embeddings"]
+    (src / "config.json").write_text(json.dumps(config))
+    result = convert(str(src), tmp_path / "out")
+    assert json.loads((result.path / "config.json").read_text())["tie_word_embeddings"] is False
+    assert rel_error(mlx_lm_logits(result.path), reference(src)) <= 1e-4
