@@ -1,0 +1,119 @@
+"""Download and publish through the real huggingface_hub client against the local Hub server."""
+
+import json
+
+import pytest
+
+from checkpoints import make_checkpoint
+from convert import ConvertError, convert
+from convert_helpers import mlx_lm_logits, ours, rel_error
+from hub_server import LocalHub
+
+SOURCE_REPO = "acme/Tiny-Llama"
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    with LocalHub(tmp_path / "hub") as server:
+        monkeypatch.setenv("HF_ENDPOINT", server.endpoint)
+        monkeypatch.setenv("HF_TOKEN", "hf_test_secret_token_123")
+        yield server
+
+
+@pytest.fixture
+def seeded(hub, tmp_path):
+    src = make_checkpoint(tmp_path / "src", "llama", shard_size="100KB")
+    (src / "README.md").write_text("---\nlicense: apache-2.0\nlanguage: en\ntags: [tiny]\n---\n# Tiny\n")
+    (src / "modeling_notes.txt").write_text("not needed for a conversion")
+    hub.seed(SOURCE_REPO, src)
+    return src
+
+
+def weight_requests(hub):
+    return [p for m, p in hub.requests_log if m == "GET" and p.endswith((".safetensors", ".bin"))]
+
+
+def test_convert_and_publish_round_trip(hub, seeded, tmp_path, capsys):
+    result = convert(SOURCE_REPO, tmp_path / "out", quantize=True, q_bits=8, q_group_size=32,
+                     upload_repo="me/Tiny-Llama-8bit")
+    out = result.path
+    assert result.validation.passed
+    remote = hub.files("me/Tiny-Llama-8bit")
+    local = {p.name: p.stat().st_size for p in out.iterdir()}
+    assert remote == local
+    assert "modeling_notes.txt" not in remote  # only the files a conversion needs were fetched
+    card = hub.read("me/Tiny-Llama-8bit", "README.md").decode()
+    assert "library_name: mlx" in card and "base_model: acme/Tiny-Llama" in card and "license: apache-2.0" in card
+    assert "| result | passed |" in card and "mlx_lm import load" in card
+    config = json.loads(hub.read("me/Tiny-Llama-8bit", "config.json"))
+    assert config["quantization"]["bits"] == 8
+    assert json.loads(hub.read("me/Tiny-Llama-8bit", "validation.json"))["passed"] is True
+    assert hub.read("me/Tiny-Llama-8bit", "tokenizer.json") == (seeded / "tokenizer.json").read_bytes()
+    assert hub.last_token == "hf_test_secret_token_123"
+    assert "hf_test_secret_token_123" not in capsys.readouterr().out + card + json.dumps(result.__dict__, default=str)
+
+    # What was published loads in mlx-lm from a fresh download and computes our logits.
+    from huggingface_hub import snapshot_download
+
+    fetched = snapshot_download("me/Tiny-Llama-8bit", endpoint=hub.endpoint, cache_dir=tmp_path / "dl")
+    assert rel_error(mlx_lm_logits(fetched), ours(out)) <= 1e-6
+
+
+def test_revision_is_honoured(hub, seeded, tmp_path):
+    first = hub.seed(SOURCE_REPO, seeded)
+    config = json.loads((seeded / "config.json").read_text())
+    config["model_type"] = "no_such_arch"
+    (seeded / "config.json").write_text(json.dumps(config))
+    hub.seed(SOURCE_REPO, seeded)  # main now points at a broken commit
+    with pytest.raises(ConvertError, match="no_such_arch"):
+        convert(SOURCE_REPO, tmp_path / "a", skip_validation=True)
+    result = convert(SOURCE_REPO, tmp_path / "b", revision=first, skip_validation=True)
+    assert first in (result.path / "README.md").read_text()
+
+
+def test_refusals_happen_before_any_weight_is_downloaded(hub, seeded, tmp_path):
+    config = json.loads((seeded / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "custom.Model"}
+    (seeded / "config.json").write_text(json.dumps(config))
+    hub.seed("acme/remote-code", seeded)
+    with pytest.raises(ConvertError, match="never runs checkpoint code"):
+        convert("acme/remote-code", tmp_path / "out")
+    assert weight_requests(hub) == []
+
+
+@pytest.mark.parametrize("repo,message", [("acme/missing", "not found"), ])
+def test_hub_errors_are_one_line(hub, tmp_path, repo, message):
+    with pytest.raises(ConvertError, match=message) as info:
+        convert(repo, tmp_path / "out")
+    assert "\n" not in str(info.value) and "hf_test_secret" not in str(info.value)
+
+
+def test_failed_validation_publishes_nothing(hub, seeded, tmp_path, monkeypatch):
+    import convert.validate as validate
+
+    real = validate.compare_outputs
+
+    def diverge(report, mask, logits, layers, ref_logits, ref_layers):
+        real(report, mask, logits * 3, layers, ref_logits, ref_layers)  # simulate a broken conversion
+
+    monkeypatch.setattr(validate, "compare_outputs", diverge)
+    with pytest.raises(ConvertError, match="validation failed: logits differ"):
+        convert(SOURCE_REPO, tmp_path / "out", upload_repo="me/broken")
+    assert not (tmp_path / "out").exists() and (tmp_path / "out.rejected" / "validation.json").exists()
+    with pytest.raises(Exception):
+        hub.files("me/broken")
+
+
+def test_dry_run_publishes_nothing(hub, seeded, tmp_path):
+    result = convert(SOURCE_REPO, tmp_path / "out", upload_repo="me/dry", dry_run=True, skip_validation=True)
+    assert result.published.dry_run and "config.json" in result.published.files
+    with pytest.raises(Exception):
+        hub.files("me/dry")
+    assert "Not validated" in (result.path / "README.md").read_text()
+
+
+def test_private_flag_reaches_the_hub(hub, seeded, tmp_path):
+    convert(SOURCE_REPO, tmp_path / "out", upload_repo="me/private-one", private=True, skip_validation=True)
+    from huggingface_hub import HfApi
+
+    assert HfApi(endpoint=hub.endpoint).model_info("me/private-one").private is True
