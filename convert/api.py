@@ -71,7 +71,7 @@ def run(plan: ConvertPlan, progress: Optional[Callable] = None, log: Optional[Ca
     for skipped in quant.skipped:
         log(f"kept in full precision: {skipped}")
     n_params = q.parameter_count(model)
-    config = dict(src.config)
+    config = model.export_config(dict(src.config))
     # State the resolved head tying: readers default differently when the key is absent (mlx-lm assumes tied).
     tied = getattr(model.args, "tie_word_embeddings", None)
     if tied is not None:

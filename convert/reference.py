@@ -4,6 +4,7 @@ compared layer by layer."""
 
 import contextlib
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -41,6 +42,7 @@ class CheckpointReader:
                 for key in self._keys(f):
                     self.files[key] = f
         self._bin_cache = {}
+        self.aliases = {}
 
     @staticmethod
     def _keys(file):
@@ -51,10 +53,21 @@ class CheckpointReader:
                 return list(f.keys())
         return list(torch.load(file, map_location="cpu", weights_only=True, mmap=True).keys())
 
+    def rename(self, renames):
+        """Also answer to the names transformers gives checkpoint keys on load (e.g. gpt_neox `embed_out.` ->
+        `lm_head.`); `renames` are (regex, replacement) pairs."""
+        for key in list(self.files):
+            new = key
+            for pattern, replacement in renames:
+                new = re.sub(pattern, replacement, new)
+            if new != key and new not in self.files:
+                self.aliases[new] = key
+
     def __contains__(self, key):
-        return key in self.files
+        return key in self.files or key in self.aliases
 
     def get(self, key) -> torch.Tensor:
+        key = self.aliases.get(key, key)
         file = self.files[key]
         if file.suffix == ".safetensors":
             from safetensors import safe_open
@@ -76,6 +89,20 @@ def build_reference(folder):
     return model.eval()
 
 
+def transformers_renames(model) -> list:
+    """The plain key renamings transformers applies when loading this model's checkpoints."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming
+    except ImportError:  # transformers 4 has no conversion mapping
+        return []
+    renames = []
+    for transform in get_model_conversion_mapping(model) or []:
+        if isinstance(transform, WeightRenaming):
+            renames += list(zip(transform.source_patterns, transform.target_patterns))
+    return renames
+
+
 def decoder_layers(model, n_layers: int):
     """The ModuleList of decoder layers (named differently per family: model.layers, transformer.h, ...)."""
     for _, module in model.named_modules():
@@ -92,6 +119,7 @@ class StreamedForward:
 
     def __init__(self, model, reader: CheckpointReader):
         self.model, self.reader = model, reader
+        reader.rename(transformers_renames(model))
         self.sources = self._map_names(model, reader)
         self.layer_outputs = []
         for module in model.modules():

@@ -136,6 +136,21 @@ class MLP(nn.Module):
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
+class FusedGateUpMLP(nn.Module):
+    """Gated MLP whose gate and up projections stay one fused `gate_up_proj` with output [gate | up], as the
+    checkpoint and mlx-lm store it (phi3, glm4): down(act(gate) * up)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, act: str = "silu", bias: bool = False):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(hidden_size, 2 * intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+        self.act = activation(act)
+
+    def __call__(self, x):
+        gate, up = mx.split(self.gate_up_proj(x), 2, axis=-1)
+        return self.down_proj(self.act(gate) * up)
+
+
 class DecoderLayer(nn.Module):
     """Pre-norm block: h + attn(norm(h)), then h + mlp(norm(h)). `window` is the sliding window or None."""
 
@@ -150,6 +165,33 @@ class DecoderLayer(nn.Module):
     def __call__(self, x, mask=None, cache=None):
         h = x + self.self_attn(self.input_layernorm(x), mask, cache)
         return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class PostNormDecoderLayer(nn.Module):
+    """Block that norms each sublayer's output before the residual add (gemma2/3 "sandwich", olmo2, exaone4):
+    h = x + post_attention_layernorm(attn(a)); out = h + post_feedforward_layernorm(mlp(m)).
+
+    With `pre_norms`, a = input_layernorm(x) and m = pre_feedforward_layernorm(h) (gemma2/3); without, the
+    sublayers read the residual stream itself (olmo2, exaone4). `window` is the sliding window or None.
+    """
+
+    def __init__(self, attn: nn.Module, mlp: nn.Module, norm: Callable[[], nn.Module], pre_norms: bool = True,
+                 window=None):
+        super().__init__()
+        self.self_attn = attn
+        self.mlp = mlp
+        if pre_norms:
+            self.input_layernorm = norm()
+            self.pre_feedforward_layernorm = norm()
+        self.post_attention_layernorm = norm()
+        self.post_feedforward_layernorm = norm()
+        self.pre_norms, self.window = pre_norms, window
+
+    def __call__(self, x, mask=None, cache=None):
+        a = self.input_layernorm(x) if self.pre_norms else x
+        h = x + self.post_attention_layernorm(self.self_attn(a, mask, cache))
+        m = self.pre_feedforward_layernorm(h) if self.pre_norms else h
+        return h + self.post_feedforward_layernorm(self.mlp(m))
 
 
 class Backbone(nn.Module):
@@ -217,6 +259,10 @@ class CausalLM(nn.Module):
             h = layer(h, mask, c)
         return self.head(h)
 
+    def export_config(self, config: dict) -> dict:
+        """The config.json to publish; families add the keys mlx-lm reads but transformers 5 no longer writes."""
+        return config
+
     def make_cache(self):
         return [RotatingKVCache(layer.window) if layer.window else KVCache() for layer in self.layers]
 
@@ -250,3 +296,133 @@ def default_head_dim(args) -> int:
 
 def rms_norm(dims: int, eps: float):
     return lambda: nn.RMSNorm(dims, eps=eps)
+
+
+# --- Blocks of the GPT-2 lineage (gpt2, gpt_bigcode, gpt_neox, phi, falcon, starcoder2, ...): modules under the
+# checkpoint's own names, fused q/k/v kept fused, non-gated MLPs, parallel attention + MLP, learned positions.
+
+
+def layer_norm(dims: int, eps: float, bias: bool = True):
+    return lambda: nn.LayerNorm(dims, eps=eps, bias=bias)
+
+
+def add_positions(h, table: nn.Embedding, cache=None):
+    """h plus learned absolute position embeddings (GPT-2's `wpe`) for positions offset .. offset + L - 1."""
+    offset = cache[0].offset if cache and cache[0] is not None else 0
+    return h + table(mx.arange(offset, offset + h.shape[1]))
+
+
+class DenseMLP(nn.Module):
+    """Non-gated MLP: out(act(in(x))), under the checkpoint's names (`c_fc`/`c_proj`, `fc1`/`fc2`, ...)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, act: str = "gelu", bias: bool = True,
+                 names=("c_fc", "c_proj")):
+        super().__init__()
+        self.in_name, self.out_name = names
+        self[self.in_name] = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self[self.out_name] = nn.Linear(intermediate_size, hidden_size, bias=bias)
+        self.act = activation(act)
+
+    def __call__(self, x):
+        return self[self.out_name](self.act(self[self.in_name](x)))
+
+
+class FusedQKVAttention(nn.Module):
+    """Attention whose q/k/v projection stays one fused linear, as the checkpoint (and mlx-lm) store it.
+
+    `layout` is the order of the fused output features:
+      "blocks": [all q | all k | all v]            (GPT-2, multi-query GPT-BigCode and Falcon)
+      "heads":  per head [q | k | v]               (GPT-NeoX, GPT-BigCode and Falcon without multi-query)
+      "groups": per KV head [q_1 .. q_g | k | v]   (Falcon's new decoder architecture)
+    """
+
+    attend = Attention.attend
+
+    def __init__(self, hidden_size: int, n_heads: int, n_kv_heads: int, head_dim: int, rope: Optional[nn.Module],
+                 layout: str = "blocks", bias: bool = True, names=("c_attn", "c_proj"), scale: Optional[float] = None):
+        super().__init__()
+        if layout not in ("blocks", "heads", "groups") or (layout == "heads" and n_kv_heads != n_heads):
+            raise ValueError(f"unsupported fused qkv layout {layout!r} with {n_heads} heads, {n_kv_heads} kv heads")
+        self.n_heads, self.n_kv_heads, self.head_dim, self.layout = n_heads, n_kv_heads, head_dim, layout
+        self.scale = scale if scale is not None else head_dim**-0.5
+        self.softcap = None
+        self.qkv_name, self.out_name = names
+        self[self.qkv_name] = nn.Linear(hidden_size, (n_heads + 2 * n_kv_heads) * head_dim, bias=bias)
+        self[self.out_name] = nn.Linear(n_heads * head_dim, hidden_size, bias=bias)
+        self.rope = rope
+
+    def project(self, x):
+        """Queries, keys and values as (B, heads, L, head_dim)."""
+        B, L, _ = x.shape
+        qkv = self[self.qkv_name](x)
+        nq, nkv, d = self.n_heads, self.n_kv_heads, self.head_dim
+        if self.layout == "blocks":
+            q, k, v = mx.split(qkv, [nq * d, (nq + nkv) * d], axis=-1)
+        elif self.layout == "heads":
+            q, k, v = mx.split(qkv.reshape(B, L, nq, 3 * d), 3, axis=-1)
+        else:
+            qkv = qkv.reshape(B, L, nkv, nq // nkv + 2, d)
+            q, k, v = qkv[..., :-2, :], qkv[..., -2, :], qkv[..., -1, :]
+        q, k, v = q.reshape(B, L, nq, d), k.reshape(B, L, nkv, d), v.reshape(B, L, nkv, d)
+        return q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+
+    def __call__(self, x, mask=None, cache=None):
+        return self[self.out_name](self.attend(*self.project(x), mask, cache))
+
+
+class ResidualBlock(nn.Module):
+    """Pre-norm decoder block under the checkpoint's module names (`ln_1`/`attn`/`ln_2`/`mlp` in GPT-2, ...).
+
+    `norms` names the attention norm and the MLP norm; a single name means the attention norm's output feeds the
+    MLP too (phi, falcon-7b). Sequential: h = x + attn(n1(x)); out = h + mlp(n2(h)).
+    Parallel (`parallel=True`): out = x + attn(n1(x)) + mlp(n2(x)).
+    """
+
+    def __init__(self, attn: nn.Module, mlp: nn.Module, norm: Callable[[], nn.Module],
+                 norms=("input_layernorm", "post_attention_layernorm"), parallel: bool = False,
+                 names=("self_attn", "mlp"), window=None):
+        super().__init__()
+        if len(norms) == 1 and not parallel:
+            raise ValueError("a sequential block needs a norm for attention and one for the MLP")
+        self.attn_name, self.mlp_name = names
+        self.norm1, self.norm2 = norms[0], (norms[1] if len(norms) == 2 else None)
+        self[self.attn_name], self[self.mlp_name] = attn, mlp
+        for name in norms:
+            self[name] = norm()
+        self.parallel, self.window = parallel, window
+
+    def __call__(self, x, mask=None, cache=None):
+        h = self[self.norm1](x)
+        a = self[self.attn_name](h, mask, cache)
+        mlp = self[self.mlp_name]
+        if self.parallel:
+            return x + a + mlp(self[self.norm2](x) if self.norm2 else h)
+        h = x + a
+        return h + mlp(self[self.norm2](h))
+
+
+class NamedBackbone(nn.Module):
+    """A backbone under the checkpoint's names (GPT-2: `wte`, `h`, `ln_f`) that CausalLM sees through the standard
+    `embed_tokens` / `layers` / `norm`. `extra` adds modules such as learned positions (`wpe`)."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, layers: list, norm: nn.Module,
+                 names=("embed_tokens", "layers", "norm"), extra: Optional[dict] = None):
+        super().__init__()
+        self.embed_name, self.layers_name, self.norm_name = names
+        self[self.embed_name] = nn.Embedding(vocab_size, hidden_size)
+        self[self.layers_name] = layers
+        self[self.norm_name] = norm
+        for name, module in (extra or {}).items():
+            self[name] = module
+
+    @property
+    def embed_tokens(self):
+        return self[self.embed_name]
+
+    @property
+    def layers(self):
+        return self[self.layers_name]
+
+    @property
+    def norm(self):
+        return self[self.norm_name]

@@ -72,3 +72,15 @@ def split(pattern: str, targets: list, sizes: Callable[[str], list], axis: int =
 
     return rule
 
+
+
+def rename_with(pattern: str, replacement: str, fn: Callable[[mx.array], mx.array]) -> Rule:
+    """Rename keys matching `pattern` and transform their values on the way (e.g. transpose Conv1D (in, out) weights
+    while moving them to module names). Anchor the pattern so renamed keys no longer match: a second run changes
+    nothing, even for square matrices whose shape cannot tell the two layouts apart."""
+    regex = re.compile(pattern)
+
+    def rule(w):
+        return {regex.sub(replacement, k): (fn(v) if regex.search(k) else v) for k, v in w.items()}
+
+    return rule

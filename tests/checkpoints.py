@@ -5,6 +5,7 @@ norm weights are perturbed away from 1 so that a mis-mapped norm changes the log
 """
 
 import json
+import re
 from functools import lru_cache
 from pathlib import Path
 
@@ -69,18 +70,29 @@ def make_config(model_type: str, **overrides):
     return AutoConfig.for_model(model_type, **params)
 
 
+_NORM = re.compile(r"norm|(^|\.)ln")  # RMSNorm/LayerNorm weights: `...norm.weight`, gpt2's `ln_1`, `ln_f`
+
+
 def randomize(model, seed: int = 0, std: float = 0.05):
     """Redraw every parameter: matrices N(0, std), norm-like vectors 1 + N(0, 0.1), biases N(0, std)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
-            if p.ndim == 1 and "norm" in name and "bias" not in name:
+            if p.ndim == 1 and _NORM.search(name) and not name.endswith("bias"):
                 mean = 0.0 if torch.all(p == 0) else 1.0  # (1 + w) norms are stored as zeros
                 p.copy_(mean + 0.1 * noise)
             else:
                 p.copy_(std * noise)
     return model
+
+
+# Keys that some transformers-4 config classes named differently (transformers 5 still reads them).
+_V4_NAMES = {"gpt_neox": {"rope_theta": "rotary_emb_base", "partial_rotary_factor": "rotary_pct"}}
+# InternLM3 checkpoints (remote code) name its biases `qkv_bias` / `bias`; InternLM3Config maps them.
+_V4_NAMES["internlm3"] = {"attention_bias": "qkv_bias", "mlp_bias": "bias"}
+# Families whose transformers-4 configs kept the sliding layers' RoPE base in its own top-level key.
+_V4_LOCAL_ROPE = {"gemma3_text": "rope_local_base_freq"}
 
 
 def to_v4_style(config: dict) -> dict:
@@ -89,6 +101,8 @@ def to_v4_style(config: dict) -> dict:
     params = config.pop("rope_parameters", None)
     if isinstance(params, dict):
         if all(isinstance(v, dict) for v in params.values()):
+            if config.get("model_type") in _V4_LOCAL_ROPE and "sliding_attention" in params:
+                config[_V4_LOCAL_ROPE[config["model_type"]]] = params["sliding_attention"]["rope_theta"]
             params = params.get("full_attention", next(iter(params.values())))
         params = dict(params)
         if "rope_theta" in params:
@@ -97,6 +111,9 @@ def to_v4_style(config: dict) -> dict:
             config["partial_rotary_factor"] = params.pop("partial_rotary_factor")
         if params.get("rope_type", "default") != "default":
             config["rope_scaling"] = params
+    for new, old in _V4_NAMES.get(config.get("model_type"), {}).items():
+        if new in config:
+            config[old] = config.pop(new)
     if "dtype" in config:
         config["torch_dtype"] = config.pop("dtype")
     return config
