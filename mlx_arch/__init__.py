@@ -12,7 +12,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
-ALIASES = {"mistral": "llama"}
+ALIASES = {"mistral": "llama", "ministral": "llama"}
 
 # Shared building blocks, not architectures.
 _SHARED = {"base", "cache", "rope", "layers", "weights"}

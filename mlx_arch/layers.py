@@ -290,6 +290,15 @@ def layer_windows(args, n_layers: int) -> list:
     return [window] * n_layers
 
 
+def sliding_period(layer_types: list) -> Optional[int]:
+    """The n for which `layer_types` is "every n-th layer global, the rest sliding" (the integer
+    `sliding_window_pattern` of older configs and of mlx-lm), or None when the layers follow no such period."""
+    for n in range(1, len(layer_types) + 2):  # len + 1: every layer slides
+        if all((t == "full_attention") == ((i + 1) % n == 0) for i, t in enumerate(layer_types)):
+            return n
+    return None
+
+
 def default_head_dim(args) -> int:
     return getattr(args, "head_dim", None) or args.hidden_size // args.num_attention_heads
 

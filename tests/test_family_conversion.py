@@ -15,9 +15,16 @@ for case in CASES:
     FIRST_CASE.setdefault(case["model_type"], case)
 
 
+# mlx-lm model types whose module reads another checkpoint format than transformers' (olmo: ai2-olmo's `d_model` /
+# `att_proj` layout; importing it exits the process when ai2-olmo is missing).
+MLX_LM_OTHER_FORMAT = {"olmo"}
+
+
 def mlx_lm_has(model_type: str) -> bool:
     from mlx_lm.utils import MODEL_REMAPPING
 
+    if model_type in MLX_LM_OTHER_FORMAT:
+        return False
     name = MODEL_REMAPPING.get(model_type, model_type)
     return importlib.util.find_spec(f"mlx_lm.models.{name}") is not None
 

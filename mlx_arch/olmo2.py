@@ -1,0 +1,71 @@
+"""OLMo 2, mirroring transformers/models/olmo2/modeling_olmo2.py: OLMo with RMSNorm on the whole query and key
+projections (over all heads, before splitting into heads) and norms on each sublayer's output instead of its input
+(`post_attention_layernorm`, `post_feedforward_layernorm`); no q/k/v clipping."""
+
+from dataclasses import dataclass
+from typing import Optional
+
+import mlx.nn as nn
+
+from .base import BaseModelArgs
+from .layers import MLP, Attention, Backbone, CausalLM, PostNormDecoderLayer, make_rope, rms_norm
+
+
+@dataclass
+class ModelArgs(BaseModelArgs):
+    model_type: str
+    vocab_size: int = 50304
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: Optional[int] = None
+    head_dim: Optional[int] = None  # not an Olmo2Config field; llama's attention reads it when a config has one
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[dict] = None
+    partial_rotary_factor: float = 1.0
+    attention_bias: bool = False
+    rms_norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+
+
+class FullProjectionNormAttention(Attention):
+    """Attention with `q_norm` / `k_norm` over the full q and k projections rather than per head."""
+
+    def __init__(self, args: ModelArgs, rope):
+        super().__init__(args.hidden_size, args.num_attention_heads, args.num_key_value_heads, args.head_dim, rope,
+                         qkv_bias=args.attention_bias, o_bias=args.attention_bias)
+        self.q_norm = nn.RMSNorm(args.num_attention_heads * args.head_dim, eps=args.rms_norm_eps)
+        self.k_norm = nn.RMSNorm(args.num_key_value_heads * args.head_dim, eps=args.rms_norm_eps)
+
+    def project(self, x):
+        B, L, _ = x.shape
+        q = self.q_norm(self.q_proj(x)).reshape(B, L, self.n_heads, -1)
+        k = self.k_norm(self.k_proj(x)).reshape(B, L, self.n_kv_heads, -1)
+        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1)
+        return q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+
+
+class Model(CausalLM):
+    def __init__(self, args: ModelArgs):
+        super().__init__(args)
+        rope = make_rope(args.head_dim, args.rope_theta, args.rope_scaling, args.partial_rotary_factor,
+                         args.max_position_embeddings)
+        norm = rms_norm(args.hidden_size, args.rms_norm_eps)
+        layers = [
+            PostNormDecoderLayer(FullProjectionNormAttention(args, rope),
+                                 MLP(args.hidden_size, args.intermediate_size, args.hidden_act), norm,
+                                 pre_norms=False)
+            for _ in range(args.num_hidden_layers)
+        ]
+        self.model = Backbone(args.vocab_size, args.hidden_size, layers, norm())
+        if not args.tie_word_embeddings:
+            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
