@@ -13,7 +13,7 @@ from mlx.utils import tree_flatten
 
 from . import card, quantize as q, save, source, validate
 from .errors import ConvertError
-from .plan import ConvertPlan
+from .plan import GB, ConvertPlan
 
 
 @dataclass
@@ -29,32 +29,36 @@ class ConvertResult:
     published: Optional[object] = None
 
 
-def default_mlx_path(plan_args: dict) -> Path:
-    name = Path(plan_args["hf_path"].rstrip("/")).name
-    if plan_args.get("quant_recipe"):
-        suffix = plan_args["quant_recipe"].replace("_", "-")
-    elif plan_args.get("quantize"):
-        mode = plan_args.get("q_mode") or "affine"
-        suffix = f"{plan_args.get('q_bits') or 4}bit" if mode == "affine" else mode
-    else:
-        suffix = plan_args.get("dtype") or "mlx"
-    return Path(f"{name}-{suffix}" if suffix != "mlx" else f"{name}-mlx")
+def convert(hf_path: str, mlx_path=None, *, revision: Optional[str] = None, quantize: bool = False,
+            q_bits: Optional[int] = None, q_group_size: Optional[int] = None, q_mode: str = "affine",
+            quant_recipe: Optional[str] = None, dtype: Optional[str] = None, dequantize: bool = False,
+            upload_repo: Optional[str] = None, private: bool = False, skip_validation: bool = False,
+            dry_run: bool = False, max_shard_size: int = 5 * GB, overwrite: bool = False,
+            endpoint: Optional[str] = None, token: Optional[str] = None,
+            progress: Optional[Callable] = None, log: Optional[Callable] = None) -> ConvertResult:
+    """Convert `hf_path` (a Hub repo id or a local folder) to an MLX folder at `mlx_path`.
 
-
-def convert(hf_path: str, mlx_path=None, **options) -> ConvertResult:
-    """Convert `hf_path` (Hub repo id or folder) to MLX; options are ConvertPlan's fields."""
-    progress = options.pop("progress", None)
-    log = options.pop("log", None)
-    args = {"hf_path": hf_path, **options}
-    plan = ConvertPlan(mlx_path=Path(mlx_path) if mlx_path else default_mlx_path(args), **args)
+    The options mean what the CLI flags of the same name mean (`mlx-convert --help`). `q_bits`/`q_group_size`
+    default to 4/64 for affine quantization and are fixed by the mxfp4/nvfp4/mxfp8 modes; `mlx_path` defaults
+    to `./<Model>-mlx[-<variant>]`; `endpoint` and `token` default to HF_ENDPOINT and HF_TOKEN.
+    `progress(iterable, desc=..., unit=...)` wraps the load and save loops (e.g. tqdm); `log(message)` receives
+    stage messages. Raises ConvertError with a one-line message for anything the user can fix.
+    """
+    plan = ConvertPlan(hf_path=hf_path, mlx_path=mlx_path, revision=revision, quantize=quantize, q_bits=q_bits,
+                       q_group_size=q_group_size, q_mode=q_mode, quant_recipe=quant_recipe, dtype=dtype,
+                       dequantize=dequantize, upload_repo=upload_repo, private=private,
+                       skip_validation=skip_validation, dry_run=dry_run, max_shard_size=max_shard_size,
+                       overwrite=overwrite, endpoint=endpoint, token=token)
     return run(plan, progress=progress, log=log)
 
 
 def run(plan: ConvertPlan, progress: Optional[Callable] = None, log: Optional[Callable] = None) -> ConvertResult:
+    """The stages in order; each takes what the previous ones produced. Nothing is written before `save`."""
     log = log or (lambda message: None)
     start = time.time()
     save.check_target(plan.mlx_path, plan.overwrite)
     src = source.preflight(plan)
+    q.check_applicable(src.config, plan)
     log(f"pre-flight: {src.config['model_type']} from {src.repo_id or src.folder}, weights: "
         f"{len(src.weight_files)} file(s)")
     folder = source.fetch(plan, src)
@@ -91,6 +95,19 @@ def run(plan: ConvertPlan, progress: Optional[Callable] = None, log: Optional[Ca
     if plan.upload_repo:
         result.published = upload(plan, src, result, log)
     return result
+
+
+def validate_existing(plan: ConvertPlan, log: Optional[Callable] = None) -> validate.Report:
+    """Run the gate on an already converted folder (`plan.mlx_path`) against its source; writes validation.json."""
+    log = log or (lambda message: None)
+    if not (plan.mlx_path / "config.json").is_file():
+        raise ConvertError(f"{plan.mlx_path} is not a converted MLX folder (no config.json)")
+    src = source.preflight(plan)
+    folder = source.fetch(plan, src)
+    report = validate.validate(folder, plan.mlx_path)
+    validate.write_report(report, plan.mlx_path)
+    log(validate.summary_table(report))
+    return report
 
 
 def source_weights(folder, src, progress):

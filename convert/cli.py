@@ -1,6 +1,7 @@
 """The `mlx-convert` command: parses flags into a ConvertPlan and calls the same `run` as the Python API."""
 
 import os
+import re
 import sys
 
 import click
@@ -9,24 +10,45 @@ from .errors import ConvertError
 from .plan import DTYPES, FP_MODES, GB, RECIPES, ConvertPlan
 
 
-def _size(value: str) -> int:
-    units = {"KB": 1 << 10, "MB": 1 << 20, "GB": GB}
-    value = value.strip().upper()
-    for unit, factor in units.items():
-        if value.endswith(unit):
-            return int(float(value[: -len(unit)]) * factor)
-    return int(value)
+class ByteSize(click.ParamType):
+    """A size such as 5GB, 500MB, 200KB or a plain number of bytes."""
+
+    name = "size"
+    UNITS = {"KB": 1 << 10, "MB": 1 << 20, "GB": GB, "B": 1}
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return value
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?B)?\s*", str(value), re.IGNORECASE)
+        size = int(float(match[1]) * self.UNITS[(match[2] or "B").upper()]) if match else 0
+        if size <= 0:
+            self.fail(f"{value!r} is not a size such as 5GB, 500MB or 200KB", param, ctx)
+        return size
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+class ConvertCommand(click.Command):
+    """Our errors are for the user: `Error: <one line>` and exit code 1, never a traceback (under `main` and under
+    click's test runner alike)."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except ConvertError as e:
+            raise click.ClickException(str(e)) from None
+
+
+@click.command(cls=ConvertCommand, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.option("--hf-path", required=True, help="Source: a Hub repo id (org/Model) or a local checkpoint folder.")
 @click.option("--revision", help="Branch, tag or commit of the Hub repo (default: main).")
-@click.option("--mlx-path", type=click.Path(), help="Output folder (default: ./<Model>-<variant>, e.g. Model-4bit).")
+@click.option("--mlx-path", type=click.Path(), help="Output folder (default: ./<Model>-mlx, or with the variant: "
+              "<Model>-mlx-4bit, -mlx-mxfp4, -mlx-mixed_4_6, -mlx-bf16). A non-empty folder is refused unless "
+              "--overwrite.")
 @click.option("-q", "--quantize", is_flag=True, help="Quantize the weights (default 4-bit affine, group size 64).")
 @click.option("--q-bits", type=int, help="Bits per weight for affine quantization: 2, 3, 4, 5, 6 or 8 (default 4).")
 @click.option("--q-group-size", type=int, help="Weights sharing one scale: 32, 64 or 128 (default 64).")
 @click.option("--q-mode", type=click.Choice(["affine", *FP_MODES]), default="affine", show_default=True,
-              help="affine (scale + bias per group), or the block floating-point formats mxfp4, nvfp4, mxfp8.")
+              help="affine (scale + bias per group), or a block floating-point format, which fixes bits and group "
+                   "size: mxfp4 (4 bits, 32), nvfp4 (4, 16), mxfp8 (8, 32). Implies --quantize.")
 @click.option("--quant-recipe", "--quant-predicate", "quant_recipe", type=click.Choice(sorted(RECIPES)),
               help="Mixed precision: mixed_A_B gives B bits to embeddings, the output head and the value/down "
                    "projections of sensitive layers, A bits to the rest (implies --quantize).")
@@ -38,15 +60,17 @@ def _size(value: str) -> int:
 @click.option("--dry-run", is_flag=True, help="Convert and validate, then show what would be published.")
 @click.option("--skip-validation", is_flag=True, help="Do not compare with the transformers model (written "
               "into the model card).")
-@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard; peak memory is "
-              "bounded by it.")
+@click.option("--max-shard-size", type=ByteSize(), default="5GB", show_default=True, help="Largest output "
+              "safetensors file (e.g. 2GB, 500MB); peak memory is bounded by it.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --mlx-path folder.")
+@click.option("--validate-only", is_flag=True, help="Convert nothing: validate the existing --mlx-path folder "
+              "against --hf-path and write its validation.json (exit code 1 if it fails).")
 def cli(**flags):
     """Convert a Hugging Face checkpoint to MLX, validate it against transformers, and optionally publish it.
 
     \b
     Examples:
-      mlx-convert --hf-path Qwen/Qwen3-0.6B -q
+      mlx-convert --hf-path org/Model -q
       mlx-convert --hf-path ./my-checkpoint --quant-recipe mixed_4_6 --mlx-path out
       mlx-convert --hf-path org/Model -q --upload-repo me/Model-4bit
 
@@ -54,13 +78,23 @@ def cli(**flags):
     """
     from tqdm import tqdm
 
-    from .api import default_mlx_path, run
+    from .api import run, validate_existing
 
-    flags["max_shard_size"] = _size(flags["max_shard_size"])
-    flags["mlx_path"] = flags["mlx_path"] or default_mlx_path(flags)
+    if flags.pop("validate_only"):
+        if not flags["mlx_path"]:
+            raise click.UsageError("--validate-only needs --mlx-path, the folder to check")
+        report = validate_existing(ConvertPlan(**flags), log=_stderr)
+        if not report.passed:
+            raise ConvertError(f"validation failed: {'; '.join(report.failures)}")
+        click.echo(f"Validation of {flags['mlx_path']}: passed")
+        return
     plan = ConvertPlan(**flags)
-    result = run(plan, progress=lambda it, **kw: tqdm(it, **kw), log=lambda m: click.echo(m, err=True))
+    result = run(plan, progress=lambda it, **kw: tqdm(it, **kw), log=_stderr)
     click.echo(summary(result))
+
+
+def _stderr(message: str):
+    click.echo(message, err=True)
 
 
 def summary(result) -> str:

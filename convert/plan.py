@@ -14,12 +14,13 @@ DTYPES = ("float16", "bfloat16", "float32")
 # Mixed recipes: (bits for most layers, bits for sensitive layers).
 RECIPES = {"mixed_2_6": (2, 6), "mixed_3_4": (3, 4), "mixed_3_6": (3, 6), "mixed_4_6": (4, 6), "mixed_4_8": (4, 8)}
 GB = 1 << 30
+SHORT_DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 
 
 @dataclass(frozen=True)
 class ConvertPlan:
     hf_path: str
-    mlx_path: Path
+    mlx_path: Optional[Path] = None  # None: `default_output()`
     revision: Optional[str] = None
     quantize: bool = False
     q_bits: Optional[int] = None
@@ -38,14 +39,28 @@ class ConvertPlan:
     token: Optional[str] = field(default=None, repr=False)  # never printed
 
     def __post_init__(self):
-        object.__setattr__(self, "mlx_path", Path(self.mlx_path))
-        if self.quant_recipe and not self.quantize:
-            object.__setattr__(self, "quantize", True)  # a recipe is a request to quantize
+        if (self.quant_recipe or self.q_mode in FP_MODES) and not self.quantize:
+            object.__setattr__(self, "quantize", True)  # a recipe or a block format is a request to quantize
         if self.quantize:
             bits, group = self._quant_defaults()
             object.__setattr__(self, "q_bits", bits)
             object.__setattr__(self, "q_group_size", group)
         self._check()
+        object.__setattr__(self, "mlx_path", Path(self.mlx_path or self.default_output()))
+
+    def default_output(self) -> Path:
+        """`./<Model>-mlx`, or with the variant: `<Model>-mlx-4bit`, `-mlx-mxfp4`, `-mlx-mixed_4_6`, `-mlx-bf16`."""
+        source = Path(self.hf_path)
+        name = (source.resolve() if source.is_dir() else source).name or "model"
+        if self.quant_recipe:
+            variant = self.quant_recipe
+        elif self.quantize:
+            variant = f"{self.q_bits}bit" if self.q_mode == "affine" else self.q_mode
+        elif self.dequantize:
+            variant = "dequantized"
+        else:
+            variant = SHORT_DTYPES.get(self.dtype)
+        return Path(f"{name}-mlx-{variant}" if variant else f"{name}-mlx")
 
     def _quant_defaults(self):
         if self.q_mode in FP_MODES:
@@ -54,7 +69,11 @@ class ConvertPlan:
                 raise ConvertError(f"--q-mode {self.q_mode} fixes {bits} bits and group size {group}")
             return bits, group
         if self.quant_recipe in RECIPES:
-            return RECIPES[self.quant_recipe][0], self.q_group_size or 64
+            low, high = RECIPES[self.quant_recipe]
+            if self.q_bits not in (None, low):
+                raise ConvertError(f"--quant-recipe {self.quant_recipe} sets the bits ({low} and {high}): drop "
+                                   f"--q-bits {self.q_bits}")
+            return low, self.q_group_size or 64
         return self.q_bits or 4, self.q_group_size or 64
 
     def _check(self):
@@ -65,6 +84,8 @@ class ConvertPlan:
         if self.max_shard_size <= 0:
             raise ConvertError("--max-shard-size must be positive")
         if not self.quantize:
+            if self.q_bits is not None or self.q_group_size is not None:
+                raise ConvertError("--q-bits and --q-group-size apply only when quantizing: add --quantize (-q)")
             return
         if self.q_mode in FP_MODES:
             if self.quant_recipe:

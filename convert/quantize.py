@@ -66,31 +66,52 @@ def layer_bits(path: str, module, n_layers: int, recipe: Optional[str], bits: in
     return low
 
 
-def quantize(model, plan: ConvertPlan) -> QuantReport:
-    report = QuantReport()
-    group, mode = plan.q_group_size, plan.q_mode
+def layer_settings(model, plan: ConvertPlan) -> tuple:
+    """What `quantize` will do, from module shapes alone: ({path: {group_size, bits, mode}}, {path: why not}).
+
+    A model's optional `quant_predicate(path, module)` may exclude a layer (False) or give it its own settings
+    (a dict merged over the plan's)."""
     hook = getattr(model, "quant_predicate", None)
     n_layers = len(model.layers)
-    overrides = {}
-
-    def predicate(path, module):
-        if not hasattr(module, "to_quantized"):
-            return False
-        if hook is not None and not hook(path, module):
-            return False
+    settings, skipped = {}, {}
+    for path, module in model.named_modules():
+        if not path or not hasattr(module, "to_quantized"):
+            continue
+        verdict = hook(path, module) if hook is not None else True
+        if not verdict:
+            continue
+        params = {"group_size": plan.q_group_size,
+                  "bits": layer_bits(path, module, n_layers, plan.quant_recipe, plan.q_bits), "mode": plan.q_mode}
+        if isinstance(verdict, dict):
+            params.update(verdict)
         width = module.weight.shape[-1]
-        if width % group:
-            report.skipped.append(f"{path} (input size {width} is not a multiple of group size {group})")
-            overrides[path] = False
-            return False
-        bits = layer_bits(path, module, n_layers, plan.quant_recipe, plan.q_bits)
-        if bits != plan.q_bits:
-            overrides[path] = {"group_size": group, "bits": bits, "mode": mode}
-        return {"group_size": group, "bits": bits, "mode": mode}
+        if width % params["group_size"]:
+            skipped[path] = f"input size {width} is not a multiple of group size {params['group_size']}"
+            continue
+        settings[path] = params
+    return settings, skipped
 
-    nn.quantize(model, class_predicate=predicate)
-    report.config = {"group_size": group, "bits": plan.q_bits, "mode": mode, **overrides}
-    return report
+
+def check_applicable(config: dict, plan: ConvertPlan):
+    """Refuse, from the config alone (before any weight is fetched), a quantization that would leave every
+    layer in full precision."""
+    if not plan.quantize:
+        return
+    settings, skipped = layer_settings(mlx_arch.build_model(config), plan)  # parameters stay lazy: no memory
+    if not settings:
+        detail = "".join(f": {path} has {why}" for path, why in list(skipped.items())[:1])
+        raise ConvertError(f"no layer can be quantized with group size {plan.q_group_size}{detail}; choose "
+                           "another --q-group-size")
+
+
+def quantize(model, plan: ConvertPlan) -> QuantReport:
+    settings, skipped = layer_settings(model, plan)
+    nn.quantize(model, class_predicate=lambda path, module: settings.get(path, False))
+    default = {"group_size": plan.q_group_size, "bits": plan.q_bits, "mode": plan.q_mode}
+    # mlx-lm reads per-layer entries: a dict where a layer differs from the default, False where it stays float.
+    overrides = {path: params for path, params in settings.items() if params != default}
+    overrides.update({path: False for path in skipped})
+    return QuantReport(config={**default, **overrides}, skipped=[f"{p} ({why})" for p, why in skipped.items()])
 
 
 def dequantize(model, dtype: str):

@@ -39,6 +39,11 @@ def write_weights(weights: dict, folder: Path, max_bytes: int, progress=None) ->
     weight_map, total = {}, 0
     for keys, file in zip(progress(shards) if progress else shards, names):
         part = {k: weights.pop(k) for k in keys}
+        # One tensor at a time: evaluating the whole shard at once would first read every source tensor behind
+        # it (for 4-bit output of a bf16 source, four times the shard size); this way the peak is the shard plus
+        # one source tensor.
+        for array in part.values():
+            mx.eval(array)
         mx.save_safetensors(str(folder / file), part, metadata={"format": "mlx"})
         total += sum(v.nbytes for v in part.values())
         weight_map.update({k: file for k in keys})

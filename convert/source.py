@@ -37,6 +37,13 @@ def hub_endpoint(plan: ConvertPlan) -> Optional[str]:
     return plan.endpoint or os.environ.get("HF_ENDPOINT") or None
 
 
+def hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    # Also read at call time, for the same reason as HF_ENDPOINT.
+    return constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+
+
 def choose_weight_files(files: list, read_index) -> list:
     """The weight files to read: safetensors preferred, through the index when sharded; `.bin` otherwise."""
     names = set(files)
@@ -102,6 +109,8 @@ def _local_source(folder: Path, plan: ConvertPlan) -> Source:
 def _hub_source(plan: ConvertPlan) -> Source:
     from huggingface_hub import HfApi, hf_hub_download
 
+    if hub_offline():
+        return _cached_source(plan)
     endpoint = hub_endpoint(plan)
     with hub_errors(plan.hf_path, endpoint):
         info = HfApi(endpoint=endpoint, token=plan.token).model_info(plan.hf_path, revision=plan.revision)
@@ -119,6 +128,19 @@ def _hub_source(plan: ConvertPlan) -> Source:
     return Source(config, weights, repo_id=plan.hf_path, commit=info.sha, files=files)
 
 
+def _cached_source(plan: ConvertPlan) -> Source:
+    """HF_HUB_OFFLINE: the snapshot a previous download left in the cache, used like a local folder."""
+    from huggingface_hub import snapshot_download
+
+    with hub_errors(plan.hf_path, hub_endpoint(plan)):
+        # Only config.json must be there; what else a previous run fetched decides which weights are read.
+        folder = Path(snapshot_download(plan.hf_path, revision=plan.revision, local_files_only=True,
+                                        allow_patterns=["config.json"], token=plan.token))
+    source = _local_source(folder, plan)
+    source.repo_id, source.commit = plan.hf_path, folder.name  # snapshot folders are named by commit
+    return source
+
+
 def fetch(plan: ConvertPlan, source: Source) -> Path:
     """Download the weights and side files (a local folder is used in place)."""
     if source.folder is not None:
@@ -128,9 +150,14 @@ def fetch(plan: ConvertPlan, source: Source) -> Path:
     wanted = [f for f in SIDE_FILES + list(INDEXES) + source.weight_files if f in source.files]
     endpoint = hub_endpoint(plan)
     with hub_errors(plan.hf_path, endpoint):
-        path = snapshot_download(source.repo_id, revision=source.commit, allow_patterns=wanted, endpoint=endpoint,
-                                 token=plan.token)
-    source.folder = Path(path)
+        # Asked by name, so that the cache records the branch or tag for later HF_HUB_OFFLINE runs; it must still
+        # be the commit pre-flight checked.
+        path = Path(snapshot_download(source.repo_id, revision=plan.revision, allow_patterns=wanted,
+                                      endpoint=endpoint, token=plan.token))
+    if path.name != source.commit:
+        raise ConvertError(f"{source.repo_id} changed on the Hub during the conversion (now at {path.name}): run "
+                           "it again, or pin --revision to a commit")
+    source.folder = path
     return source.folder
 
 
@@ -153,6 +180,9 @@ class hub_errors:
         if isinstance(error, errors.RepositoryNotFoundError):
             raise ConvertError(f"{self.repo_id} not found on {self.endpoint} (if it is private or gated, log in "
                                "with `hf auth login` or set HF_TOKEN)") from None
+        if isinstance(error, errors.LocalEntryNotFoundError):
+            raise ConvertError(f"HF_HUB_OFFLINE is set and {self.repo_id} is not in the local cache: unset it or "
+                               "pass a local folder") from None
         if isinstance(error, errors.EntryNotFoundError):
             raise ConvertError(f"{self.repo_id}: a file listed by the Hub is missing ({error})") from None
         if isinstance(error, errors.OfflineModeIsEnabled) or "offline" in type(error).__name__.lower():

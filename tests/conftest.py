@@ -1,6 +1,7 @@
 """Test-wide settings: no network, no Xet, no writes to the user's Hugging Face cache."""
 
 import os
+import tempfile
 import sys
 from pathlib import Path
 
@@ -9,6 +10,11 @@ os.environ.setdefault("HF_HUB_DISABLE_XET", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+# huggingface_hub fixes its cache folders when it is imported: point them at a private temporary folder now, so
+# no test reads or writes the user's cache (a file cached by an earlier run could hide a missing download).
+_HF_HOME = tempfile.mkdtemp(prefix="mlx-convert-tests-hf-")
+os.environ["HF_HOME"] = _HF_HOME
+os.environ["HF_HUB_CACHE"] = os.path.join(_HF_HOME, "hub")
 
 import pytest
 
@@ -17,8 +23,5 @@ sys.path.insert(0, str(TESTS))
 
 
 @pytest.fixture(autouse=True)
-def _isolated_hf_home(tmp_path_factory, monkeypatch):
-    home = tmp_path_factory.getbasetemp() / "hf_home"
-    monkeypatch.setenv("HF_HOME", str(home))
-    monkeypatch.setenv("HF_HUB_CACHE", str(home / "hub"))
+def _no_token(monkeypatch):
     monkeypatch.delenv("HF_TOKEN", raising=False)

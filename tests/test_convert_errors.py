@@ -143,3 +143,21 @@ def test_cli_converts(src, tmp_path):
     assert "Validation: passed" in result.output and "bits per weight" in result.output
     quant = json.loads((tmp_path / "out" / "config.json").read_text())["quantization"]
     assert quant["bits"] == 4 and quant["model.embed_tokens"]["bits"] == 6
+
+
+def test_validate_only_checks_an_existing_folder(src, tmp_path, capsys):
+    from mlx_folders import write_mlx_folder
+
+    good = write_mlx_folder(src, tmp_path / "good")
+    main(["--hf-path", str(src), "--mlx-path", str(good), "--validate-only"])
+    assert json.loads((good / "validation.json").read_text())["passed"] is True
+
+    def break_norm(w):
+        w["model.norm.weight"] = w["model.norm.weight"] * -1
+
+    bad = write_mlx_folder(src, tmp_path / "bad", mutate=break_norm)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--hf-path", str(src), "--mlx-path", str(bad), "--validate-only"])
+    assert exit_info.value.code == 1
+    assert "Error: validation failed: logits differ" in capsys.readouterr().err
+    assert json.loads((bad / "validation.json").read_text())["passed"] is False

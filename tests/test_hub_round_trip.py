@@ -117,3 +117,17 @@ def test_private_flag_reaches_the_hub(hub, seeded, tmp_path):
     from huggingface_hub import HfApi
 
     assert HfApi(endpoint=hub.endpoint).model_info("me/private-one").private is True
+
+
+def test_nan_weight_in_the_source_is_refused_and_nothing_published(hub, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    src = make_checkpoint(tmp_path / "src", "llama")
+    weights = load_file(src / "model.safetensors")
+    weights["model.layers.1.self_attn.o_proj.weight"][3, 7] = float("nan")
+    save_file(weights, src / "model.safetensors")
+    hub.seed("acme/nan-model", src)
+    with pytest.raises(ConvertError, match="non-finite values in model.layers.1.self_attn.o_proj.weight"):
+        convert("acme/nan-model", tmp_path / "out", upload_repo="me/nan-model")
+    with pytest.raises(Exception):
+        hub.files("me/nan-model")

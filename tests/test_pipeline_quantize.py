@@ -1,0 +1,75 @@
+"""Quantization stage: every mixed recipe, the model's optional `quant_predicate` hook (exclude a layer or give it
+its own settings), and the per-layer entries mlx-lm reads, checked by loading the output in mlx-lm."""
+
+import json
+
+import pytest
+
+import mlx_arch
+from checkpoints import make_checkpoint
+from convert import ConvertError, convert
+from convert_helpers import mlx_lm_logits, ours, rel_error
+
+SENSITIVE_LAYERS = {0, 3, 6, 7}  # of 8: first and last eighth, then every third layer in between
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("quant") / "src", "llama", dtype="bfloat16", num_hidden_layers=8,
+                           tie_word_embeddings=False)
+
+
+@pytest.mark.parametrize("recipe,low,high", [("mixed_2_6", 2, 6), ("mixed_3_4", 3, 4), ("mixed_4_6", 4, 6),
+                                             ("mixed_4_8", 4, 8)])
+def test_recipe_gives_sensitive_layers_more_bits(source, tmp_path, recipe, low, high):
+    result = convert(str(source), tmp_path / "out", quant_recipe=recipe, q_group_size=32)
+    quant = json.loads((result.path / "config.json").read_text())["quantization"]
+    expected = {"group_size": 32, "bits": high, "mode": "affine"}
+    assert quant["bits"] == low and quant["model.embed_tokens"] == quant["lm_head"] == expected
+    for i in range(8):
+        for name in ("self_attn.v_proj", "mlp.down_proj"):
+            assert quant.get(f"model.layers.{i}.{name}") == (expected if i in SENSITIVE_LAYERS else None), (i, name)
+        assert f"model.layers.{i}.self_attn.q_proj" not in quant
+    assert low < result.bits_per_weight < high + 1
+    assert result.validation.passed, result.validation.failures
+    assert rel_error(mlx_lm_logits(result.path), ours(result.path)) <= 1e-6
+
+
+def test_model_quant_predicate_can_exclude_a_layer_or_set_its_bits(source, tmp_path, monkeypatch):
+    def predicate(self, path, module):
+        if path == "lm_head":
+            return False  # e.g. a router or gate that must stay in float
+        if path.endswith("mlp.down_proj"):
+            return {"bits": 8}
+        return True
+
+    monkeypatch.setattr(mlx_arch.get_architecture("llama").Model, "quant_predicate", predicate, raising=False)
+    result = convert(str(source), tmp_path / "out", quantize=True, skip_validation=True)
+    quant = json.loads((result.path / "config.json").read_text())["quantization"]
+    assert "lm_head" not in quant and quant["model.layers.5.mlp.down_proj"]["bits"] == 8
+    model, _ = mlx_arch.load_model(result.path)
+    assert model.lm_head.weight.dtype.size == 2 and model.model.layers[5].mlp.down_proj.bits == 8
+    monkeypatch.undo()  # mlx-lm's model has no such hook: it must follow the config alone
+    assert rel_error(mlx_lm_logits(result.path), ours(result.path)) <= 1e-6
+
+
+def test_quantization_that_changes_nothing_is_refused(tmp_path):
+    src = make_checkpoint(tmp_path / "src", "llama", hidden_size=96, intermediate_size=160, head_dim=24)
+    with pytest.raises(ConvertError, match="no layer can be quantized with group size 128.*--q-group-size"):
+        convert(str(src), tmp_path / "out", quantize=True, q_group_size=128)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("options,message", [
+    (dict(q_bits=8), "apply only when quantizing"),
+    (dict(quant_recipe="mixed_4_6", q_bits=8), "sets the bits"),
+    (dict(q_mode="nvfp4", q_group_size=32), "nvfp4 fixes 4 bits and group size 16"),
+])
+def test_contradictory_settings_are_refused(tmp_path, options, message):
+    with pytest.raises(ConvertError, match=message):
+        convert("no/such-repo", tmp_path / "out", **options)
+
+
+def test_block_format_implies_quantize(source, tmp_path):
+    result = convert(str(source), tmp_path / "out", q_mode="mxfp8", skip_validation=True)
+    assert json.loads((result.path / "config.json").read_text())["quantization"]["mode"] == "mxfp8"

@@ -1,0 +1,76 @@
+"""Save stage: shards within --max-shard-size, evaluated one at a time so that peak memory is bounded by the shard
+size (not the model size), safetensors metadata and the model card mlx-lm and the Hub read."""
+
+import json
+
+import mlx.core as mx
+import pytest
+import yaml
+from safetensors import safe_open
+
+import convert.save as save
+from checkpoints import make_checkpoint
+from convert import convert
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory):
+    """~17 MB of float32 weights in 1 MB tensors: big enough to tell one tensor from one shard of source data."""
+    return make_checkpoint(tmp_path_factory.mktemp("save") / "src", "llama", hidden_size=256, intermediate_size=768,
+                           num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4, vocab_size=1024)
+
+
+def test_peak_memory_is_bounded_by_the_shard_size(wide, tmp_path, monkeypatch):
+    peaks, real_save = [], mx.save_safetensors
+
+    def measured_save(path, arrays, metadata=None):
+        real_save(path, arrays, metadata=metadata)
+        peaks.append((sum(a.nbytes for a in arrays.values()), mx.get_peak_memory()))
+        mx.reset_peak_memory()
+
+    monkeypatch.setattr(save.mx, "save_safetensors", measured_save)
+    shard = 600_000
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    # 4-bit output of float32 weights: one output shard stands for ~8x its size of source data.
+    result = convert(str(wide), tmp_path / "out", quantize=True, q_group_size=32, max_shard_size=shard,
+                     skip_validation=True)
+    largest_source_tensor = 768 * 256 * 4
+    assert len(peaks) > 3
+    for written, peak in peaks:
+        assert written <= shard and peak <= written + 2 * largest_source_tensor, (written, peak)
+    files = sorted(result.path.glob("model-*.safetensors"))
+    assert len(files) == len(peaks) and all(f.stat().st_size <= shard + 20_000 for f in files)
+
+
+def test_shards_carry_mlx_metadata_and_the_index_matches(wide, tmp_path):
+    out = convert(str(wide), tmp_path / "out", max_shard_size=4 << 20, skip_validation=True).path
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    total = 0
+    for name in sorted(set(index["weight_map"].values())):
+        with safe_open(out / name, "np") as f:
+            assert f.metadata() == {"format": "mlx"}
+            assert all(index["weight_map"][k] == name for k in f.keys())
+            total += sum(f.get_tensor(k).nbytes for k in f.keys())
+    assert index["metadata"]["total_size"] == total
+
+
+def test_single_file_when_it_fits(wide, tmp_path):
+    out = convert(str(wide), tmp_path / "out", skip_validation=True).path
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["model.safetensors"]
+    assert set(json.loads((out / "model.safetensors.index.json").read_text())["weight_map"].values()) == {
+        "model.safetensors"}
+
+
+def test_model_card(tmp_path):
+    src = make_checkpoint(tmp_path / "src", "llama")
+    (src / "README.md").write_text("---\nlicense: apache-2.0\ntags: [chat]\n---\n# Source card\n")
+    (src / "LICENSE").write_text("Apache License 2.0\n")
+    result = convert(str(src), tmp_path / "out", quant_recipe="mixed_4_6")
+    card = (result.path / "README.md").read_text()
+    meta = yaml.safe_load(card.split("---", 2)[1])
+    assert meta["library_name"] == "mlx" and meta["license"] == "apache-2.0"
+    assert meta["pipeline_tag"] == "text-generation" and meta["tags"][0] == "mlx" and "chat" in meta["tags"]
+    assert "mixed_4_6" in card and "Source revision" in card and "from mlx_lm import load" in card
+    assert "| result | passed |" in card
+    assert (result.path / "LICENSE").read_bytes() == (src / "LICENSE").read_bytes()
