@@ -7,34 +7,19 @@ from typing import Optional
 
 import mlx.nn as nn
 
-from .base import BaseModelArgs
+from . import olmo
 from .layers import MLP, Attention, Backbone, CausalLM, PostNormDecoderLayer, make_rope, rms_norm
 
 
 @dataclass
-class ModelArgs(BaseModelArgs):
-    model_type: str
-    vocab_size: int = 50304
-    hidden_size: int = 4096
-    intermediate_size: int = 11008
-    num_hidden_layers: int = 32
-    num_attention_heads: int = 32
-    num_key_value_heads: Optional[int] = None
-    head_dim: Optional[int] = None  # not an Olmo2Config field; llama's attention reads it when a config has one
-    hidden_act: str = "silu"
-    max_position_embeddings: int = 2048
-    tie_word_embeddings: bool = False
-    rope_theta: float = 10000.0
-    rope_scaling: Optional[dict] = None
-    partial_rotary_factor: float = 1.0
-    attention_bias: bool = False
+class ModelArgs(olmo.ModelArgs):
+    """OLMo's fields and defaults; OLMo-2 adds learnable RMS norms (and transformers ignores clip_qkv for it)."""
+
     rms_norm_eps: float = 1e-5
 
     def __post_init__(self):
-        if self.num_key_value_heads is None:
-            self.num_key_value_heads = self.num_attention_heads
-        if self.head_dim is None:
-            self.head_dim = self.hidden_size // self.num_attention_heads
+        super().__post_init__()
+        self.clip_qkv = None
 
 
 class FullProjectionNormAttention(Attention):
