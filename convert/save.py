@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 
 from .errors import ConvertError
 
@@ -31,6 +32,38 @@ def plan_shards(weights: dict, max_bytes: int) -> list:
     return shards + [current] if current else shards
 
 
+SAFETENSORS_DTYPES = {
+    mx.bool_: "BOOL", mx.uint8: "U8", mx.uint16: "U16", mx.uint32: "U32", mx.uint64: "U64", mx.int8: "I8",
+    mx.int16: "I16", mx.int32: "I32", mx.int64: "I64", mx.float16: "F16", mx.bfloat16: "BF16", mx.float32: "F32",
+}
+
+
+def stream_safetensors(path: Path, tensors: list) -> int:
+    """Write (name, lazy array) pairs as a safetensors file, evaluating and releasing one tensor at a time.
+
+    The header only needs shapes and dtypes, which lazy arrays know without being computed. Returns the number
+    of data bytes written.
+    """
+    header, offset = {}, 0
+    for name, array in tensors:
+        header[name] = {"dtype": SAFETENSORS_DTYPES[array.dtype], "shape": list(array.shape),
+                        "data_offsets": [offset, offset + array.nbytes]}
+        offset += array.nbytes
+    header["__metadata__"] = {"format": "mlx"}
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data section starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(len(encoded).to_bytes(8, "little"))
+        f.write(encoded)
+        while tensors:
+            _, array = tensors.pop(0)
+            flat = mx.contiguous(array.reshape(-1))
+            mx.eval(flat)
+            f.write(memoryview(np.asarray(flat.view(mx.uint8))))
+            del array, flat
+    return offset
+
+
 def write_weights(weights: dict, folder: Path, max_bytes: int, progress=None) -> int:
     """Write shards and the index; `weights` is emptied as shards are written so their memory can be freed."""
     shards = plan_shards(weights, max_bytes)
@@ -38,16 +71,10 @@ def write_weights(weights: dict, folder: Path, max_bytes: int, progress=None) ->
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     weight_map, total = {}, 0
     for keys, file in zip(progress(shards) if progress else shards, names):
-        part = {k: weights.pop(k) for k in keys}
-        # One tensor at a time: evaluating the whole shard at once would first read every source tensor behind
-        # it (for 4-bit output of a bf16 source, four times the shard size); this way the peak is the shard plus
-        # one source tensor.
-        for array in part.values():
-            mx.eval(array)
-        mx.save_safetensors(str(folder / file), part, metadata={"format": "mlx"})
-        total += sum(v.nbytes for v in part.values())
+        # Streamed tensor by tensor: the peak is one output tensor plus the source tensors behind it, whatever the
+        # shard size (mx.save_safetensors would hold the whole evaluated shard).
+        total += stream_safetensors(folder / file, [(k, weights.pop(k)) for k in keys])
         weight_map.update({k: file for k in keys})
-        del part
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     return total
