@@ -61,7 +61,8 @@ class ConvertCommand(click.Command):
 @click.option("--skip-validation", is_flag=True, help="Do not compare with the transformers model (written "
               "into the model card).")
 @click.option("--max-shard-size", type=ByteSize(), default="5GB", show_default=True, help="Largest output "
-              "safetensors file (e.g. 2GB, 500MB); shards are streamed tensor by tensor, so peak memory does not grow with it.")
+              "safetensors file (e.g. 2GB, 500MB); shards are streamed tensor by tensor, so peak memory does "
+              "not grow with it.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --mlx-path folder.")
 @click.option("--validate-only", is_flag=True, help="Convert nothing: validate the existing --mlx-path folder "
               "against --hf-path and write its validation.json (exit code 1 if it fails).")
