@@ -114,10 +114,22 @@ def quantize(model, plan: ConvertPlan) -> QuantReport:
     return QuantReport(config={**default, **overrides}, skipped=[f"{p} ({why})" for p, why in skipped.items()])
 
 
+def dequantized(module):
+    """The float32 layer that a quantized linear or embedding layer computes."""
+    weight = mx.dequantize(module.weight, module.scales, module.get("biases"), group_size=module.group_size,
+                           bits=module.bits, mode=module.mode).astype(mx.float32)
+    if isinstance(module, nn.QuantizedEmbedding):
+        layer = nn.Embedding(*weight.shape)
+    else:
+        layer = nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in module)
+        if "bias" in module:
+            layer.bias = module.bias.astype(mx.float32)
+    layer.weight = weight
+    return layer
+
+
 def dequantize(model, dtype: str):
     """Replace quantized layers by float layers computing the same function."""
-    from .validate import dequantized
-
     swaps = [(path, dequantized(m)) for path, m in model.named_modules()
              if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))]
     if swaps:

@@ -1,7 +1,8 @@
 """The validation gate: does the converted folder compute what the source checkpoint computes?
 
-Runs on the converted model reloaded from its saved files, against the transformers model of the source in float32
-(streamed one module at a time, see `reference.py`). Checks logits on fixed prompts, hidden states layer by layer,
+Runs on the converted model reloaded from its saved files, against the transformers model of the source in float32.
+Both run one layer at a time with weights read just before use and released after (`reference.py`,
+`layerwise.py`), so memory stays bounded for models larger than memory. Checks logits on fixed prompts, hidden states layer by layer,
 KV-cache and padded-batch consistency, non-finite values and tokenizer fidelity. Thresholds depend on the
 precision of the output and are listed in `THRESHOLDS`.
 """
@@ -13,8 +14,8 @@ from typing import Optional
 
 import mlx.core as mx
 import numpy as np
-import mlx.nn as nn
-from mlx.utils import tree_map, tree_unflatten
+
+from .layerwise import rel_error
 
 PROMPTS = [
     "The capital of France is",
@@ -112,11 +113,6 @@ def logit_metrics(ours: np.ndarray, ref: np.ndarray) -> dict:
     )
 
 
-def rel_error(ours, ref) -> float:
-    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-    return float(np.abs(ours - ref).max() / max(np.abs(ref).max(), 1e-30))
-
-
 # ---------------------------------------------------------------------------------------------------- probes
 
 
@@ -136,80 +132,13 @@ def probe_batch(tokenizer, vocab_size: int):
     return ids, mask
 
 
-# ---------------------------------------------------------------------------------------------------- MLX side
-
-
-def as_float32(model):
-    """Evaluate in float32 activations, quantized layers dequantized.
-
-    On the CPU, bf16 quantized matmuls carry ~3% error of their own and run at a twentieth of the float speed;
-    dequantized float32 weights compute the same function as the quantized layer, exactly and faster.
-    """
-    floats = (mx.float16, mx.bfloat16)
-    replacements = []
-    for path, module in model.named_modules():
-        if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
-            replacements.append((path, dequantized(module)))
-    if replacements:
-        model.update_modules(tree_unflatten(replacements))
-    model.update(tree_map(lambda p: p.astype(mx.float32) if p.dtype in floats else p, model.parameters()))
-    return model
-
-
-def dequantized(module):
-    """The float32 layer that a quantized linear or embedding layer computes."""
-    weight = mx.dequantize(module.weight, module.scales, module.get("biases"), group_size=module.group_size,
-                           bits=module.bits, mode=module.mode).astype(mx.float32)
-    if isinstance(module, nn.QuantizedEmbedding):
-        layer = nn.Embedding(*weight.shape)
-    else:
-        layer = nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in module)
-        if "bias" in module:
-            layer.bias = module.bias.astype(mx.float32)
-    layer.weight = weight
-    return layer
-
-
-def mlx_forward(model, ids):
-    """(logits, [hidden states after each layer]) of our model, one layer at a time."""
-    x = mx.array(ids)
-    h = model.embed(x)
-    outputs = []
-    for layer, mask in zip(model.layers, model.masks(h)):
-        h = layer(h, mask, None)
-        mx.eval(h)
-        outputs.append(np.array(h.astype(mx.float32)))
-    return np.array(model.head(h).astype(mx.float32)), outputs
-
-
-def cache_consistency(model, ids, length: int) -> float:
-    """Relative error between a full forward and prefill + token-by-token decode through the cache."""
-    from mlx_arch.cache import make_prompt_cache
-
-    row = mx.array(ids[:1, :length])
-    full = model(row)
-    cache = make_prompt_cache(model)
-    split = max(1, length // 2)
-    parts = [model(row[:, :split], cache=cache)]
-    parts += [model(row[:, i : i + 1], cache=cache) for i in range(split, length)]
-    return rel_error(np.array(mx.concatenate(parts, axis=1)), np.array(full))
-
-
-def batch_consistency(model, ids, mask, batch_logits) -> float:
-    """Largest relative error between each padded-batch row and the same prompt run alone."""
-    worst = 0.0
-    for i in np.argsort(mask.sum(1))[:2]:  # the two shortest rows: the most padding, the least compute
-        n = int(mask[i].sum())
-        alone = np.array(model(mx.array(ids[i : i + 1, :n]))[0])
-        worst = max(worst, rel_error(batch_logits[i, :n], alone))
-    return worst
-
-
 def non_finite_tensors(folder) -> list:
-    """Names of saved tensors holding NaN or infinity."""
+    """Names of saved tensors holding NaN or infinity (read one tensor at a time)."""
     bad = []
     for f in sorted(Path(folder).glob("model*.safetensors")):
-        for name, w in mx.load(str(f)).items():
+        weights = mx.load(str(f))
+        for name in sorted(weights):
+            w = weights.pop(name)
             if mx.issubdtype(w.dtype, mx.floating) and not mx.all(mx.isfinite(w)).item():
                 bad.append(name)
     return bad
@@ -246,9 +175,10 @@ def validate(source, output) -> Report:
     """Validate the converted folder `output` against the source checkpoint folder `source`."""
     from mlx_arch import load_model
 
+    from . import layerwise
     from .reference import CheckpointReader, StreamedForward, build_reference
 
-    model, config = load_model(output)
+    model, config = load_model(output, lazy=True)  # weights are read layer by layer, see layerwise.py
     precision, key = precision_of(config)
     report = Report(precision=precision, thresholds=THRESHOLDS[key])
 
@@ -263,11 +193,11 @@ def validate(source, output) -> Report:
     ids, mask = probe_batch(tokenizer, config["vocab_size"])
     report.prompts, report.tokens = ids.shape[0], int(mask.sum())
     ref_logits, ref_layers = StreamedForward(build_reference(source), CheckpointReader(source))(ids, mask)
-    logits, layers = mlx_forward(as_float32(model), ids)
-    compare_outputs(report, mask, logits, layers, ref_logits, ref_layers)
+    out = layerwise.run(model, ids, mask)
+    compare_outputs(report, mask, out.logits, out.layers, ref_logits, ref_layers)
 
-    report.cache_rel_error = cache_consistency(model, ids, int(mask[0].sum()))
-    report.batch_rel_error = batch_consistency(model, ids, mask, logits)
+    report.cache_rel_error = layerwise.cache_rel_error(out)
+    report.batch_rel_error = layerwise.batch_rel_error(out, mask)
     for name, err in (("cache decode vs full forward", report.cache_rel_error),
                       ("padded batch vs single", report.batch_rel_error)):
         if not err <= CONSISTENCY_TOL:

@@ -1,0 +1,119 @@
+"""The converted MLX model run with bounded memory, the MLX twin of `reference.py`.
+
+The model is built on lazy arrays straight from its saved files; each decoder layer's weights are read (and made
+float32) when that layer runs and released right after, so memory holds one layer plus the embedding, whatever the
+model's size. Every probe the gate needs travels through the layers together, so one pass over the weights gives:
+
+- the padded batch of probe prompts: logits and each layer's hidden states;
+- one prompt run alone, and the same prompt fed as a prefill chunk and then one token at a time through the KV
+  cache (the cache check);
+- the shortest prompts run alone, without padding (the batch check).
+
+Running the cached decode layer by layer instead of token by token computes the same thing: a layer's cache
+depends only on that layer's inputs, in order.
+"""
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_map, tree_unflatten
+
+from .quantize import dequantized
+
+
+def as_float32(model):
+    """Evaluate in float32 activations, quantized layers dequantized (lazily: nothing is read yet).
+
+    On the CPU, bf16 quantized matmuls carry ~3% error of their own and run at a twentieth of the float speed;
+    dequantized float32 weights compute the same function as the quantized layer, exactly and faster.
+    """
+    floats = (mx.float16, mx.bfloat16)
+    replacements = []
+    for path, module in model.named_modules():
+        if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+            replacements.append((path, dequantized(module)))
+    if replacements:
+        model.update_modules(tree_unflatten(replacements))
+    model.update(tree_map(lambda p: p.astype(mx.float32) if p.dtype in floats else p, model.parameters()))
+    return model
+
+
+class Released:
+    """Stands in for a decoder layer whose weights were released: masks are still built from its window."""
+
+    def __init__(self, window):
+        self.window = window
+
+
+class Position:
+    """What `embed` reads from a cache: the position of the chunk's first token (learned position tables)."""
+
+    def __init__(self, offset: int):
+        self.offset = offset
+
+
+@dataclass
+class Outputs:
+    logits: np.ndarray  # (B, L, vocab) for the padded batch
+    layers: list  # hidden states after each layer, (B, L, D) each
+    alone: dict  # row -> logits (1, n, vocab) of that prompt run alone
+    cached: np.ndarray  # logits of row 0 through prefill + token-by-token decode
+
+
+def rel_error(ours, ref) -> float:
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    return float(np.abs(ours - ref).max() / max(np.abs(ref).max(), 1e-30))
+
+
+def run(model, ids: np.ndarray, mask: np.ndarray, on_layer: Optional[Callable] = None) -> Outputs:
+    """All probes through `model` (lazy, as loaded with `load_model(..., lazy=True)`), one layer at a time.
+
+    The model is consumed: its layers are released as they finish. `on_layer(i)` is called after layer i.
+    """
+    as_float32(model)
+    lengths = mask.sum(1)
+    rows = sorted({0, *np.argsort(lengths)[:2].tolist()})
+    length = int(lengths[0])
+    split = max(1, length // 2)
+    chunks = [(0, split)] + [(t, t + 1) for t in range(split, length)]
+
+    batch = model.embed(mx.array(ids))
+    batch_masks = model.masks(batch)
+    alone = {r: model.embed(mx.array(ids[r : r + 1, : int(lengths[r])])) for r in rows}
+    alone_masks = {r: model.masks(h) for r, h in alone.items()}
+    cached = [model.embed(mx.array(ids[:1, a:b]), [Position(a)]) for a, b in chunks]
+    caches = model.make_cache()
+    n_layers = len(model.layers)
+    hidden = []
+    for i in range(n_layers):
+        layer = model.layers[i]
+        batch = layer(batch, batch_masks[i], None)
+        alone = {r: layer(h, alone_masks[r][i], None) for r, h in alone.items()}
+        # The mask for a cached chunk depends on the cache state when the chunk arrives: build it from this
+        # layer's cache (every entry, since some families read positions from the first one).
+        cached = [layer(h, model.masks(h, [caches[i]] * n_layers)[i], caches[i]) for h in cached]
+        mx.eval(batch, alone, cached)
+        hidden.append(np.array(batch))
+        model.layers[i], caches[i] = Released(layer.window), None
+        del layer
+        if on_layer is not None:
+            on_layer(i)
+    return Outputs(
+        logits=np.array(model.head(batch)),
+        layers=hidden,
+        alone={r: np.array(model.head(h)) for r, h in alone.items()},
+        cached=np.array(model.head(mx.concatenate(cached, axis=1))),
+    )
+
+
+def cache_rel_error(out: Outputs) -> float:
+    """Prefill + token-by-token decode through the cache vs the full forward of the same prompt."""
+    return rel_error(out.cached, out.alone[0])
+
+
+def batch_rel_error(out: Outputs, mask: np.ndarray) -> float:
+    """Largest relative error between a padded-batch row and the same prompt run alone."""
+    return max(rel_error(out.logits[r, : int(mask[r].sum())], alone[0]) for r, alone in out.alone.items())

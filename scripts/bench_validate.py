@@ -1,0 +1,43 @@
+"""Benchmark: peak memory of the validation gate against model depth (it should not grow with the model).
+
+    python scripts/bench_validate.py [--layers 11 22] [--workdir /tmp/mlx-convert-bench]
+
+For each depth, builds a random bf16 Llama checkpoint of TinyLlama-1.1B's layer shape, converts it to 4-bit
+without validation, then times `mlx-convert --validate-only` in a fresh process and reports its wall time and peak
+resident memory next to the size of the float32 model that an unstreamed gate would hold (twice: reference and
+ours).
+"""
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_convert import SHAPES, build_checkpoint, measured  # noqa: E402
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, nargs="+", default=[11, 22])
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/mlx-convert-bench"))
+    args = parser.parse_args()
+    rows = []
+    for n in args.layers:
+        shape = {**SHAPES["tinyllama"], "num_hidden_layers": n}
+        src, out = args.workdir / f"src-tinyllama-{n}", args.workdir / f"out-validate-{n}"
+        build_checkpoint(src, shape)
+        shutil.rmtree(out, ignore_errors=True)
+        measured(["mlx-convert", "--hf-path", str(src), "--mlx-path", str(out), "-q", "--skip-validation"])
+        seconds, peak = measured(["mlx-convert", "--hf-path", str(src), "--mlx-path", str(out), "--validate-only"])
+        bf16 = sum(f.stat().st_size for f in src.glob("*.safetensors")) / 2**20
+        rows.append((n, bf16, 2 * bf16, seconds, peak))
+    print("\nvalidate-only on a 4-bit conversion; sizes and peak RSS in MB\n")
+    print("| layers | source bf16 | model in float32 | validate s | peak RSS | peak / float32 model |")
+    print("|---|---|---|---|---|---|")
+    for n, bf16, fp32, seconds, peak in rows:
+        print(f"| {n} | {bf16:,.0f} | {fp32:,.0f} | {seconds:.1f} | {peak:,.0f} | {peak / fp32:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
