@@ -109,3 +109,34 @@ def test_mlx_side_holds_one_layer_at_a_time(tmp_path):
     assert len(active) == 8
     assert active[-1] <= active[0] + layer_bytes / 4
     assert mx.get_peak_memory() < 3 * layer_bytes + 2**20 * 8
+
+
+def test_reference_side_holds_one_module_at_a_time(source):
+    """The transformers reference is built on the meta device and each module's weights exist only while it runs;
+    its logits and per-layer hidden states still equal the fully loaded transformers model."""
+    import torch
+    from convert.reference import CheckpointReader, StreamedForward, build_reference
+    from transformers import AutoModelForCausalLM
+
+    model = build_reference(source)
+    assert all(p.is_meta for p in model.parameters())
+    streamed = StreamedForward(model, CheckpointReader(source))
+    real_counts = []
+
+    def count_real(module, args):
+        real_counts.append(sum(1 for p in model.parameters() if not p.is_meta))
+
+    for module in model.modules():
+        if any(p is not None for p in module._parameters.values()):
+            module.register_forward_pre_hook(count_real)  # runs after the loading hook
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    logits, layers = streamed(ids.numpy())
+    assert len(real_counts) > 10 and 0 < max(real_counts) <= 2  # a module's weight and bias
+    assert all(p.is_meta for p in model.parameters())
+
+    full = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = full(input_ids=ids, output_hidden_states=True)
+    np.testing.assert_allclose(logits, ref.logits.numpy(), rtol=1e-5, atol=1e-5)
+    assert len(layers) == model.config.num_hidden_layers
+    np.testing.assert_allclose(layers[0], ref.hidden_states[1].numpy(), rtol=1e-5, atol=1e-5)
