@@ -11,6 +11,7 @@ import mlx.core as mx
 import numpy as np
 
 from .errors import ConvertError
+from .source import TEMPLATE_DIR
 
 COPIED_FILES = [
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.model",
@@ -110,6 +111,11 @@ def copy_side_files(source: Path, folder: Path) -> list:
         if (source / name).is_file():
             shutil.copyfile(source / name, folder / name)
             copied.append(name)
+    for template in sorted((source / TEMPLATE_DIR).glob("*.jinja")):
+        name = f"{TEMPLATE_DIR}/{template.name}"
+        (folder / TEMPLATE_DIR).mkdir(exist_ok=True)
+        shutil.copyfile(template, folder / name)
+        copied.append(name)
     return copied
 
 

@@ -18,6 +18,11 @@ SIDE_FILES = [
     "chat_template.json", "README.md", "LICENSE", "LICENSE.txt", "LICENSE.md", "NOTICE",
 ]
 INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+TEMPLATE_DIR = "additional_chat_templates"  # named chat templates, one .jinja file each (transformers >= 4.54)
+
+
+def is_named_template(name: str) -> bool:
+    return name.startswith(TEMPLATE_DIR + "/") and name.endswith(".jinja") and name.count("/") == 1
 
 
 @dataclass
@@ -148,6 +153,7 @@ def fetch(plan: ConvertPlan, source: Source) -> Path:
     from huggingface_hub import snapshot_download
 
     wanted = [f for f in SIDE_FILES + list(INDEXES) + source.weight_files if f in source.files]
+    wanted += [f for f in source.files if is_named_template(f)]
     endpoint = hub_endpoint(plan)
     with hub_errors(plan.hf_path, endpoint):
         # Asked by name, so that the cache records the branch or tag for later HF_HUB_OFFLINE runs; it must still

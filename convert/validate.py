@@ -116,11 +116,21 @@ def logit_metrics(ours: np.ndarray, ref: np.ndarray) -> dict:
 # ---------------------------------------------------------------------------------------------------- probes
 
 
+def chat_templates(tokenizer) -> dict:
+    """The tokenizer's chat templates by name ("default" for the unnamed one; named ones may come without it)."""
+    templates = getattr(tokenizer, "chat_template", None) or {}
+    return {"default": templates} if isinstance(templates, str) else dict(templates)
+
+
+def templated(tokenizer, template: str) -> str:
+    return tokenizer.apply_chat_template(CHAT, chat_template=template, tokenize=False, add_generation_prompt=True)
+
+
 def probe_batch(tokenizer, vocab_size: int):
     """Right-padded ids (B, L) and their mask for the fixed prompts plus a chat-templated conversation."""
     texts = list(PROMPTS)
-    if getattr(tokenizer, "chat_template", None):
-        texts.append(tokenizer.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True))
+    if "default" in chat_templates(tokenizer):
+        texts.append(templated(tokenizer, chat_templates(tokenizer)["default"]))
     rows = [tokenizer(t, add_special_tokens=True)["input_ids"][:MAX_PROBE_TOKENS] for t in texts]
     rows = [r for r in rows if len(r) >= 2]
     width = max(len(r) for r in rows)
@@ -161,10 +171,13 @@ def tokenizer_fidelity(source, output) -> dict:
     for attr in ("bos_token", "eos_token", "chat_template"):
         if getattr(src, attr, None) != getattr(out, attr, None):
             mismatches.append(f"{attr} differs")
-    if src.chat_template and out.chat_template:
-        texts = [t.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True) for t in (src, out)]
+    theirs = chat_templates(out)
+    for name, template in chat_templates(src).items():
+        if name not in theirs:
+            continue  # already reported: chat_template differs
+        texts = [templated(src, template), templated(out, theirs[name])]
         if texts[0] != texts[1] or src(texts[0])["input_ids"] != out(texts[1])["input_ids"]:
-            mismatches.append("chat-templated conversation encodes differently")
+            mismatches.append(f"chat-templated conversation ({name} template) encodes differently")
     return {"passed": not mismatches, "probes": len(probes), "mismatches": mismatches}, src
 
 

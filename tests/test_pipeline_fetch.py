@@ -64,3 +64,22 @@ def test_offline_mode_converts_from_the_cache(hub, both_formats, tmp_path, monke
     assert len(hub.requests_log) == before  # not one request
     assert result.validation.passed and sha in (result.path / "README.md").read_text()
     assert rel_error(mlx_lm_logits(result.path), reference(both_formats)) <= 1e-4
+
+
+def test_named_chat_templates_are_fetched_and_kept(hub, tmp_path):
+    """Templates under additional_chat_templates/ (transformers >= 4.54) travel with the model, byte for byte."""
+    from transformers import AutoTokenizer
+
+    src = make_checkpoint(tmp_path / "src", "llama")
+    templates = src / "additional_chat_templates"
+    templates.mkdir()
+    (templates / "tool_use.jinja").write_text("{% for m in messages %}<tool>{{ m['content'] }}{% endfor %}")
+    (templates / "notes.txt").write_text("not a template")
+    hub.seed("acme/templates", src)
+    out = convert("acme/templates", tmp_path / "out", skip_validation=True).path
+    assert sorted(p.name for p in (out / "additional_chat_templates").iterdir()) == ["tool_use.jinja"]
+    assert (out / "additional_chat_templates/tool_use.jinja").read_bytes() == (templates / "tool_use.jinja").read_bytes()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], chat_template="tool_use",
+                                         tokenize=False)
+    assert text == "<tool>hi"

@@ -1,6 +1,7 @@
 """The validation gate accepts faithful conversions and refuses broken ones, naming what is wrong."""
 
 import json
+import shutil
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
@@ -67,6 +68,27 @@ def test_tokenizer_that_encodes_differently_is_refused(source, tmp_path):
     report = validate(source, out)
     assert not report.passed
     assert not report.tokenizer["passed"] and report.tokenizer["mismatches"]
+
+
+def test_named_chat_templates_are_checked(tmp_path):
+    """A source whose only chat templates are named ones is validated template by template; a named template
+    that renders differently in the output is refused by name."""
+    from convert.validate import tokenizer_fidelity
+
+    src = make_checkpoint(tmp_path / "src", "llama")
+    config = json.loads((src / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (src / "tokenizer_config.json").write_text(json.dumps(config))
+    (src / "chat_template.jinja").unlink()
+    (src / "additional_chat_templates").mkdir()
+    (src / "additional_chat_templates/tool_use.jinja").write_text("{{ messages[0]['content'] }}<tool>")
+    out = write_mlx_folder(src, tmp_path / "out")
+    shutil.copytree(src / "additional_chat_templates", out / "additional_chat_templates")
+    assert tokenizer_fidelity(src, out)[0]["passed"]
+    (out / "additional_chat_templates/tool_use.jinja").write_text("{{ messages[0]['content'] }}<tools>")
+    result = tokenizer_fidelity(src, out)[0]
+    assert not result["passed"] and "chat-templated conversation (tool_use template) encodes differently" in \
+        result["mismatches"]
 
 
 def test_broken_cache_is_caught(source, tmp_path, monkeypatch):
