@@ -111,18 +111,24 @@ def create_attention_mask(h: mx.array, cache: Any = None, window_size: Optional[
     return "causal"
 
 
-def _quantized_attention(queries, keys, values, scale, mask, group_size, bits):
-    """Attention against a quantized KV cache: keys/values are (weights, scales, biases) tuples."""
+def _explicit_attention(queries, keys, values, scale, mask, softcap=None, group_size=None, bits=None):
+    """Attention written out for what the fused kernel cannot do: tanh soft-capping of the scores (gemma2) and
+    keys/values stored quantized, as (weights, scales, biases) tuples, when `bits` is given."""
     B, n_heads, L, D = queries.shape
-    n_kv = keys[0].shape[-3]
+    n_kv = (keys[0] if bits else keys).shape[-3]
     repeats = n_heads // n_kv
     queries = queries * scale
     if repeats > 1:
         # Group query heads by their shared KV head instead of repeating the cache.
         queries = queries.reshape(B, n_kv, repeats, L, D)
-        keys = tuple(mx.expand_dims(x, -3) for x in keys)
-        values = tuple(mx.expand_dims(x, -3) for x in values)
-    scores = mx.quantized_matmul(queries, *keys, transpose=True, group_size=group_size, bits=bits)
+        grouped = (lambda x: tuple(mx.expand_dims(t, -3) for t in x)) if bits else (lambda x: mx.expand_dims(x, -3))
+        keys, values = grouped(keys), grouped(values)
+    if bits:
+        scores = mx.quantized_matmul(queries, *keys, transpose=True, group_size=group_size, bits=bits)
+    else:
+        scores = queries @ keys.swapaxes(-1, -2)
+    if softcap is not None:
+        scores = mx.tanh(scores / softcap) * softcap
     if isinstance(mask, str):
         kL = scores.shape[-1]
         mask = mx.arange(kL - L, kL)[:, None] >= mx.arange(kL)[None]
@@ -134,12 +140,21 @@ def _quantized_attention(queries, keys, values, scale, mask, group_size, bits):
         else:
             scores = scores + mask
     weights = mx.softmax(scores, axis=-1, precise=True)
-    out = mx.quantized_matmul(weights, *values, transpose=False, group_size=group_size, bits=bits)
+    if bits:
+        out = mx.quantized_matmul(weights, *values, transpose=False, group_size=group_size, bits=bits)
+    else:
+        out = weights @ values
     return out.reshape(B, n_heads, L, -1) if repeats > 1 else out
 
 
-def scaled_dot_product_attention(queries, keys, values, cache, scale: float, mask, sinks=None) -> mx.array:
-    """softmax(q k^T * scale + mask) v, taking the quantized path when the cache stores quantized KV."""
-    if getattr(cache, "bits", None) is not None:
-        return _quantized_attention(queries, keys, values, scale, mask, cache.group_size, cache.bits)
+def scaled_dot_product_attention(queries, keys, values, cache, scale: float, mask, sinks=None,
+                                 softcap: Optional[float] = None) -> mx.array:
+    """softmax(cap(q k^T * scale) + mask) v: the fused kernel unless the scores are soft-capped or the cache
+    stores quantized KV."""
+    bits = getattr(cache, "bits", None)
+    if bits is not None or softcap is not None:
+        if sinks is not None:
+            raise ValueError("attention sinks are not supported with soft-capping or a quantized KV cache")
+        return _explicit_attention(queries, keys, values, scale, mask, softcap, getattr(cache, "group_size", None),
+                                   bits)
     return mx.fast.scaled_dot_product_attention(queries, keys, values, scale=scale, mask=mask, sinks=sinks)

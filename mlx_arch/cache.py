@@ -125,7 +125,7 @@ class KVCache(_OffsetCache):
 class QuantizedKVCache(_OffsetCache):
     """KVCache whose buffers hold `mx.quantize(x, group_size, bits)` triples (weights, scales, biases).
 
-    `update_and_fetch` returns those triples for keys and values, which `base._quantized_attention` consumes.
+    `update_and_fetch` returns those triples for keys and values, which `base._explicit_attention` consumes.
     head_dim must be divisible by `group_size`.
     """
 

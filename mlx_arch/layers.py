@@ -96,30 +96,12 @@ class Attention(nn.Module):
             q, k = self.rope(q, offset=offset), self.rope(k, offset=offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        if self.softcap is None:
-            out = scaled_dot_product_attention(q, k, v, cache, self.scale, mask)
-        else:
-            out = softcapped_attention(q, k, v, self.scale, mask, self.softcap)
+        out = scaled_dot_product_attention(q, k, v, cache, self.scale, mask, softcap=self.softcap)
         B, _, L, _ = out.shape
         return out.transpose(0, 2, 1, 3).reshape(B, L, -1)
 
     def __call__(self, x, mask=None, cache=None):
         return self.o_proj(self.attend(*self.project(x), mask, cache))
-
-
-def softcapped_attention(q, k, v, scale, mask, softcap):
-    """Attention with tanh soft-capping of the scores (gemma2); the fused kernel cannot cap."""
-    repeats = q.shape[1] // k.shape[1]
-    if repeats > 1:
-        k, v = mx.repeat(k, repeats, axis=1), mx.repeat(v, repeats, axis=1)
-    scores = (q * scale) @ k.swapaxes(-1, -2)
-    scores = mx.tanh(scores / softcap) * softcap
-    if isinstance(mask, str):
-        kL, L = scores.shape[-1], scores.shape[-2]
-        mask = mx.arange(kL - L, kL)[:, None] >= mx.arange(kL)[None]
-    if mask is not None:
-        scores = mx.where(mask, scores, mx.finfo(scores.dtype).min)
-    return mx.softmax(scores, axis=-1, precise=True) @ v
 
 
 class MLP(nn.Module):
