@@ -18,6 +18,7 @@ SIDE_FILES = [
     "chat_template.json", "README.md", "LICENSE", "LICENSE.txt", "LICENSE.md", "NOTICE",
 ]
 INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+CODE_PREFIXES = ("modeling_", "configuration_", "tokenization_", "processing_")
 TEMPLATE_DIR = "additional_chat_templates"  # named chat templates, one .jinja file each (transformers >= 4.54)
 
 
@@ -63,11 +64,20 @@ def choose_weight_files(files: list, read_index) -> list:
     raise ConvertError("no weights found (model*.safetensors or pytorch_model*.bin): is this a model repo?")
 
 
+def custom_code(config: dict, files: list) -> str:
+    """What in the checkpoint asks for its own code: auto_map entries or custom modeling/configuration/tokenizer
+    files (other .py files, such as inference handlers, are never downloaded nor run)."""
+    found = [f"auto_map {name}" for name in config.get("auto_map", {})]
+    found += [f for f in files if f.endswith(".py") and Path(f).name.startswith(CODE_PREFIXES)]
+    return ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
+
+
 def check_source(config: dict, files: list, plan: ConvertPlan):
     """Refusals that need only the config and the file list."""
-    if "auto_map" in config or any(f.endswith(".py") for f in files):
-        raise ConvertError("this checkpoint ships its own modeling code (auto_map / *.py); mlx-convert never runs "
-                           "checkpoint code: convert a checkpoint of a transformers architecture instead")
+    code = custom_code(config, files)
+    if code:
+        raise ConvertError(f"this checkpoint asks for its own code ({code}); mlx-convert never runs checkpoint "
+                           "code: convert a checkpoint of a transformers architecture instead")
     model_type = config.get("model_type")
     if not model_type:
         raise ConvertError("config.json has no model_type: cannot tell the architecture")

@@ -22,6 +22,7 @@ def seed_edited(hub, src, tmp_path, repo, extra_files=(), **config):
     shutil.copytree(src, folder)
     edit_config(folder, **config)
     for name in extra_files:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
         (folder / name).write_text("# code\n")
     return hub.seed(repo, folder)
 
@@ -36,8 +37,9 @@ def test_preflight_reads_only_config_and_index(hub, sharded):
 
 @pytest.mark.parametrize("config,files,message", [
     (dict(model_type="mamba9"), (), "model_type 'mamba9' is not supported; supported: .*llama"),
-    (dict(auto_map={"AutoModelForCausalLM": "modeling_x.Model"}), (), "never runs checkpoint code"),
-    ({}, ("modeling_custom.py",), "never runs checkpoint code"),
+    (dict(auto_map={"AutoModelForCausalLM": "modeling_x.Model"}), (),
+     r"asks for its own code \(auto_map AutoModelForCausalLM\); mlx-convert never runs checkpoint code"),
+    ({}, ("modeling_custom.py",), r"asks for its own code \(modeling_custom.py\)"),
     (dict(quantization_config={"quant_method": "awq", "bits": 4}), (), r"already quantized \(awq\)"),
 ], ids=["model_type", "auto_map", "code-file", "pre-quantized"])
 def test_refusals_happen_before_any_weight_download(hub, sharded, tmp_path, config, files, message):
@@ -46,6 +48,14 @@ def test_refusals_happen_before_any_weight_download(hub, sharded, tmp_path, conf
         convert("acme/refused", tmp_path / "out", quantize=True)
     assert "\n" not in str(info.value)
     assert weight_downloads(hub) == [] and not (tmp_path / "out").exists()
+
+
+def test_other_python_files_are_neither_refused_nor_fetched(hub, sharded, tmp_path):
+    """An inference handler or example script does not make the checkpoint need remote code; it is not downloaded."""
+    seed_edited(hub, sharded, tmp_path, "acme/handler", ("handler.py", "scripts/example.py"))
+    out = convert("acme/handler", tmp_path / "out", skip_validation=True).path
+    assert (out / "config.json").is_file() and not list(out.rglob("*.py"))
+    assert not [f for f in downloads(hub) if f.endswith(".py")]
 
 
 def test_quantization_that_cannot_apply_is_refused_before_download(hub, tmp_path):
