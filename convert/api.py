@@ -89,7 +89,7 @@ def run(plan: ConvertPlan, progress: Optional[Callable] = None, log: Optional[Ca
         (tmp / "config.json").write_text(json.dumps(save.output_config(config, dtype, quant.config), indent=2))
         save.copy_side_files(folder, tmp)
         result = ConvertResult(plan.mlx_path, size, size * 8 / n_params, n_params, 0.0, quant.config, quant.skipped)
-        result.validation = gate(plan, folder, tmp, log)
+        result.validation = gate(plan, folder, tmp, progress, log)
         write_card(plan, src, folder, tmp, dtype, result)
     result.seconds = time.time() - start
     if plan.upload_repo:
@@ -97,15 +97,20 @@ def run(plan: ConvertPlan, progress: Optional[Callable] = None, log: Optional[Ca
     return result
 
 
-def validate_existing(plan: ConvertPlan, log: Optional[Callable] = None) -> validate.Report:
+def validate_existing(plan: ConvertPlan, progress: Optional[Callable] = None,
+                      log: Optional[Callable] = None) -> validate.Report:
     """Run the gate on an already converted folder (`plan.mlx_path`) against its source; writes validation.json."""
     log = log or (lambda message: None)
     if not (plan.mlx_path / "config.json").is_file():
         raise ConvertError(f"{plan.mlx_path} is not a converted MLX folder (no config.json)")
     src = source.preflight(plan)
-    folder = source.fetch(plan, src)
-    report = validate.validate(folder, plan.mlx_path)
-    validate.write_report(report, plan.mlx_path)
+    return validated(source.fetch(plan, src), plan.mlx_path, progress, log)
+
+
+def validated(source_folder: Path, out: Path, progress, log) -> validate.Report:
+    """The gate's report on `out`, written to validation.json and shown as a table."""
+    report = validate.validate(source_folder, out, progress)
+    validate.write_report(report, out)
     log(validate.summary_table(report))
     return report
 
@@ -117,15 +122,13 @@ def source_weights(folder, src, progress):
     return load_weights(folder, src.weight_files, wrap)
 
 
-def gate(plan: ConvertPlan, source_folder: Path, out: Path, log) -> Optional[validate.Report]:
+def gate(plan: ConvertPlan, source_folder: Path, out: Path, progress, log) -> Optional[validate.Report]:
     """Validate the saved files; a failure keeps the output aside as `<path>.rejected` and stops the run."""
     if plan.skip_validation:
         log("validation skipped (--skip-validation): the card says so")
         return None
     log("validating against the transformers reference...")
-    report = validate.validate(source_folder, out)
-    validate.write_report(report, out)
-    log(validate.summary_table(report))
+    report = validated(source_folder, out, progress, log)
     if not report.passed:
         rejected = plan.mlx_path.absolute().with_name(plan.mlx_path.name + ".rejected")
         shutil.rmtree(rejected, ignore_errors=True)

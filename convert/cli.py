@@ -81,16 +81,18 @@ def cli(**flags):
 
     from .api import run, validate_existing
 
+    progress = lambda it, **kw: tqdm(it, **kw)  # noqa: E731
+
     if flags.pop("validate_only"):
         if not flags["mlx_path"]:
             raise click.UsageError("--validate-only needs --mlx-path, the folder to check")
-        report = validate_existing(ConvertPlan(**flags), log=_stderr)
+        report = validate_existing(ConvertPlan(**flags), progress=progress, log=_stderr)
         if not report.passed:
             raise ConvertError(f"validation failed: {'; '.join(report.failures)}")
         click.echo(f"Validation of {flags['mlx_path']}: passed")
         return
     plan = ConvertPlan(**flags)
-    result = run(plan, progress=lambda it, **kw: tqdm(it, **kw), log=_stderr)
+    result = run(plan, progress=progress, log=_stderr)
     click.echo(summary(result))
 
 

@@ -122,6 +122,7 @@ class StreamedForward:
         reader.rename(transformers_renames(model))
         self.sources = self._map_names(model, reader)
         self.layer_outputs = []
+        self.on_layer = lambda index: None  # called as each decoder layer finishes (progress)
         for module in model.modules():
             if any(p is not None for p in module._parameters.values()):
                 module.register_forward_pre_hook(self._load)
@@ -167,6 +168,7 @@ class StreamedForward:
     def _record(self, module, args, output):
         hidden = output[0] if isinstance(output, tuple) else output
         self.layer_outputs.append(hidden.detach().float().numpy())
+        self.on_layer(len(self.layer_outputs) - 1)
 
     @torch.no_grad()
     def __call__(self, input_ids, attention_mask=None):

@@ -10,7 +10,7 @@ precision of the output and are listed in `THRESHOLDS`.
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import mlx.core as mx
 import numpy as np
@@ -184,8 +184,19 @@ def tokenizer_fidelity(source, output) -> dict:
 # ---------------------------------------------------------------------------------------------------- the gate
 
 
-def validate(source, output) -> Report:
-    """Validate the converted folder `output` against the source checkpoint folder `source`."""
+def layer_ticker(progress, n_layers: int, desc: str) -> Callable:
+    """A callback that advances a `progress(iterable, desc=, unit=)` bar (e.g. tqdm) by one layer per call."""
+    if progress is None:
+        return lambda *args: None
+    bar = iter(progress(range(n_layers), desc=desc, unit="layer"))
+    next(bar, None)  # started: shows 0/n; the n-th call finishes and closes the bar
+    return lambda *args: next(bar, None)
+
+
+def validate(source, output, progress: Optional[Callable] = None) -> Report:
+    """Validate the converted folder `output` against the source checkpoint folder `source`.
+
+    `progress(iterable, desc=..., unit=...)` (e.g. tqdm) shows the layer-by-layer passes of both models."""
     from mlx_arch import load_model
 
     from . import layerwise
@@ -205,8 +216,11 @@ def validate(source, output) -> Report:
 
     ids, mask = probe_batch(tokenizer, config["vocab_size"])
     report.prompts, report.tokens = ids.shape[0], int(mask.sum())
-    ref_logits, ref_layers = StreamedForward(build_reference(source), CheckpointReader(source))(ids, mask)
-    out = layerwise.run(model, ids, mask)
+    n_layers = len(model.layers)
+    reference = StreamedForward(build_reference(source), CheckpointReader(source))
+    reference.on_layer = layer_ticker(progress, n_layers, "validate: transformers")
+    ref_logits, ref_layers = reference(ids, mask)
+    out = layerwise.run(model, ids, mask, on_layer=layer_ticker(progress, n_layers, "validate: mlx"))
     compare_outputs(report, mask, out.logits, out.layers, ref_logits, ref_layers)
 
     report.cache_rel_error = layerwise.cache_rel_error(out)

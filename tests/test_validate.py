@@ -110,6 +110,20 @@ def test_report_is_written_and_summarised(source, tmp_path):
     assert "| top-1 agreement (all / decided positions) | 100.0% / 100.0% |" in table and "KL divergence" in table
 
 
+def test_progress_advances_layer_by_layer_on_both_sides(source, tmp_path):
+    seen = {}
+
+    def progress(iterable, desc, unit):
+        seen[desc] = []
+        for item in iterable:
+            seen[desc].append(item)
+            yield item
+        seen[desc].append("done")
+
+    assert validate(source, write_mlx_folder(source, tmp_path / "out"), progress=progress).passed
+    assert seen == {"validate: transformers": [0, 1, 2, "done"], "validate: mlx": [0, 1, 2, "done"]}
+
+
 def test_mlx_side_holds_one_layer_at_a_time(tmp_path):
     """The converted model runs layer by layer: MLX memory after the last layer is no higher than after the first,
     and far below the float32 model (8 layers of ~3 MB each here)."""
