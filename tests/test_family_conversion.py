@@ -15,18 +15,21 @@ for case in CASES:
     FIRST_CASE.setdefault(case["model_type"], case)
 
 
-# mlx-lm model types whose module reads another checkpoint format than transformers' (olmo: ai2-olmo's `d_model` /
-# `att_proj` layout; importing it exits the process when ai2-olmo is missing).
-MLX_LM_OTHER_FORMAT = {"olmo"}
+# mlx-lm model types whose module reads another checkpoint format than transformers' (importing mlx-lm's olmo exits
+# the process when ai2-olmo is missing).
+MLX_LM_OTHER_FORMAT = {"olmo": "mlx-lm's olmo reads ai2-olmo's layout (d_model, att_proj), not transformers'"}
 
 
-def mlx_lm_has(model_type: str) -> bool:
+def mlx_lm_gap(model_type: str):
+    """Why mlx-lm cannot load this family's output, or None when it can."""
     from mlx_lm.utils import MODEL_REMAPPING
 
     if model_type in MLX_LM_OTHER_FORMAT:
-        return False
+        return MLX_LM_OTHER_FORMAT[model_type]
     name = MODEL_REMAPPING.get(model_type, model_type)
-    return importlib.util.find_spec(f"mlx_lm.models.{name}") is not None
+    if importlib.util.find_spec(f"mlx_lm.models.{name}") is None:
+        return f"mlx-lm has no {model_type} model to load the output with"
+    return None
 
 
 @pytest.mark.parametrize("model_type", sorted(FIRST_CASE))
@@ -35,8 +38,8 @@ def test_4bit_conversion(tmp_path, model_type):
     src = make_checkpoint(tmp_path / "src", model_type, **case.get("overrides", {}))
     result = convert(str(src), tmp_path / "out", quantize=True, q_group_size=32)
     assert result.validation.passed, result.validation.failures
-    if not mlx_lm_has(model_type):
-        pytest.skip(f"mlx-lm has no {model_type} model to load the output with")
+    if mlx_lm_gap(model_type):
+        pytest.skip(mlx_lm_gap(model_type))
     overrides = case.get("overrides", {})
     # mlx-lm ignores some families' sliding windows (mistral, starcoder2): compare within the window, where
     # transformers, we and mlx-lm all agree; our parity beyond it is proven in test_models.
