@@ -93,18 +93,32 @@ def run(plan: ConvertPlan, progress: Optional[Callable] = None, log: Optional[Ca
         write_card(plan, src, folder, tmp, dtype, result)
     result.seconds = time.time() - start
     if plan.upload_repo:
-        result.published = upload(plan, src, result, log)
+        result.published = upload(plan, src, log)
     return result
 
 
 def validate_existing(plan: ConvertPlan, progress: Optional[Callable] = None,
                       log: Optional[Callable] = None) -> validate.Report:
     """Run the gate on an already converted folder (`plan.mlx_path`) against its source; writes validation.json."""
+    return _validate_existing(plan, progress, log)[0]
+
+
+def publish_existing(plan: ConvertPlan, progress: Optional[Callable] = None, log: Optional[Callable] = None):
+    """Validate an already converted folder, then publish it to `plan.upload_repo` with its card's validation
+    table refreshed: how a failed upload is retried without converting again."""
+    report, src = _validate_existing(plan, progress, log)
+    if not report.passed:
+        raise ConvertError(f"validation failed: {'; '.join(report.failures)}; nothing was published")
+    card.refresh(plan.mlx_path / "README.md", validate.summary_table(report), plan.upload_repo)
+    return upload(plan, src, log or (lambda message: None))
+
+
+def _validate_existing(plan, progress, log):
     log = log or (lambda message: None)
     if not (plan.mlx_path / "config.json").is_file():
         raise ConvertError(f"{plan.mlx_path} is not a converted MLX folder (no config.json)")
     src = source.preflight(plan)
-    return validated(source.fetch(plan, src), plan.mlx_path, progress, log)
+    return validated(source.fetch(plan, src), plan.mlx_path, progress, log), src
 
 
 def validated(source_folder: Path, out: Path, progress, log) -> validate.Report:
@@ -150,7 +164,7 @@ def write_card(plan, src, source_folder, out, dtype, result):
     (out / "README.md").write_text(text)
 
 
-def upload(plan, src, result, log):
+def upload(plan, src, log):
     from .publish import PublishError, publish
 
     message = f"Upload {plan.upload_repo}: MLX conversion of {src.repo_id or plan.mlx_path.name} ({plan.recipe_name})"
@@ -159,6 +173,8 @@ def upload(plan, src, result, log):
                             endpoint=source.hub_endpoint(plan), dry_run=plan.dry_run,
                             description=f"Converted with mlx-convert from revision {src.commit or 'local'}.")
     except PublishError as e:
-        raise ConvertError(str(e)) from None
+        raise ConvertError(f"{e}; the converted model is kept in {plan.mlx_path}: to publish it without converting "
+                           f"again, run mlx-convert --hf-path {plan.hf_path} --mlx-path {plan.mlx_path} "
+                           f"--validate-only --upload-repo {plan.upload_repo}") from None
     log(("would publish" if plan.dry_run else "published") + f" {len(published.files)} files to {published.url}")
     return published

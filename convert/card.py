@@ -1,6 +1,7 @@
 """The model card: Hub-parsable front matter (base model, license, library) and what a reader needs to trust
 the conversion: recipe, source revision, validation summary and how to run it."""
 
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -57,3 +58,16 @@ def render_card(*, repo_name: str, base_model: Optional[str], source_meta: dict,
               "    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)", "",
               "print(generate(model, tokenizer, prompt=prompt, verbose=True))", "```", ""]
     return "\n".join(lines)
+
+
+def refresh(path: Path, validation: str, repo: str):
+    """Put a new validation summary and repo name into a card written by `render_card` (a card without our
+    Validation section is left as its author wrote it)."""
+    text = Path(path).read_text() if Path(path).is_file() else ""
+    section = re.search(r"(?<=\n## Validation\n\n).*?(?=\n\n## Use with mlx-lm\n)", text, flags=re.S)
+    if section is None:
+        return
+    text = text[: section.start()] + validation + text[section.end():]
+    text = re.sub(r"^# .*$", lambda m: f"# {repo}", text, count=1, flags=re.M)
+    text = re.sub(r'load\("[^"\n]*"\)', lambda m: f'load("{repo}")', text)
+    Path(path).write_text(text)

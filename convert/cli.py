@@ -65,7 +65,8 @@ class ConvertCommand(click.Command):
               "not grow with it.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --mlx-path folder.")
 @click.option("--validate-only", is_flag=True, help="Convert nothing: validate the existing --mlx-path folder "
-              "against --hf-path and write its validation.json (exit code 1 if it fails).")
+              "against --hf-path and write its validation.json (exit code 1 if it fails); with --upload-repo, "
+              "then publish it (retries a failed upload without converting again).")
 def cli(**flags):
     """Convert a Hugging Face checkpoint to MLX, validate it against transformers, and optionally publish it.
 
@@ -79,17 +80,23 @@ def cli(**flags):
     """
     from tqdm import tqdm
 
-    from .api import run, validate_existing
+    from .api import publish_existing, run, validate_existing
 
     progress = lambda it, **kw: tqdm(it, **kw)  # noqa: E731
 
     if flags.pop("validate_only"):
         if not flags["mlx_path"]:
             raise click.UsageError("--validate-only needs --mlx-path, the folder to check")
-        report = validate_existing(ConvertPlan(**flags), progress=progress, log=_stderr)
-        if not report.passed:
-            raise ConvertError(f"validation failed: {'; '.join(report.failures)}")
-        click.echo(f"Validation of {flags['mlx_path']}: passed")
+        plan = ConvertPlan(**flags)
+        if plan.upload_repo:
+            published = publish_existing(plan, progress=progress, log=_stderr)
+        else:
+            report = validate_existing(plan, progress=progress, log=_stderr)
+            if not report.passed:
+                raise ConvertError(f"validation failed: {'; '.join(report.failures)}")
+        click.echo(f"Validation of {plan.mlx_path}: passed")
+        if plan.upload_repo:
+            click.echo(("Would publish to " if published.dry_run else "Published to ") + published.url)
         return
     plan = ConvertPlan(**flags)
     result = run(plan, progress=progress, log=_stderr)

@@ -69,5 +69,8 @@ def publish(folder, repo_id: str, message: str, *, description: str = "", privat
     except PublishError:
         raise
     except Exception as e:  # network, auth and Hub errors: one line, never the token
-        raise PublishError(f"upload to {repo_id} failed: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        hint = (f" (the Hub refused the credentials: check HF_TOKEN or `hf auth login`, and write access to "
+                f"{repo_id.split('/')[0]})" if status in (401, 403) else "")
+        raise PublishError(f"upload to {repo_id} failed: {type(e).__name__}: {str(e).splitlines()[0]}{hint}") from e
     return PublishResult(repo_id, str(url), files, commit=commit.oid)

@@ -240,6 +240,10 @@ ROUTES = [
 ]
 
 
+# Handlers that change the Hub: like the Hub, they need a token (LFS uploads go to a pre-signed URL instead).
+WRITES = {"create_repo", "delete_repo", "preupload", "commit", "lfs_batch"}
+
+
 class _Handler(BaseHTTPRequestHandler):
     """Routes one request to a method below; methods return a JSON-able object or send the response themselves."""
 
@@ -272,6 +276,8 @@ class _Handler(BaseHTTPRequestHandler):
                 match = re.fullmatch(pattern, url.path) if method == self.command else None
                 if match:
                     args = {k: unquote(v) for k, v in match.groupdict().items() if v is not None}
+                    if name in WRITES:
+                        self._authorize_write()
                     result = getattr(self, name)(body=body, query=parse_qs(url.query), **args)
                     if result is not None:
                         self._send_json(200, result)
@@ -311,6 +317,11 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send_json(self, status: int, obj, headers: dict | None = None) -> None:
         self._send(status, json.dumps(obj).encode(), {"Content-Type": "application/json", **(headers or {})})
+
+    def _authorize_write(self) -> None:
+        # Any token is accepted unless the hub was given a list of valid ones.
+        if not self.token or (self.hub.write_tokens is not None and self.token not in self.hub.write_tokens):
+            raise HubError(401, "Invalid credentials in Authorization header")
 
     def _readable(self, repo: str) -> dict:
         # Like the Hub: a private repo looks missing without a token (any token is accepted).
@@ -508,15 +519,17 @@ class LocalHub:
     """A local Hub on 127.0.0.1, plus direct access to its storage for test setup and assertions.
 
     `root` defaults to a temporary folder removed by `stop()`. `requests_log` lists (method, unquoted path)
-    of every request; `last_token` is the last Bearer token a request carried.
+    of every request; `last_token` is the last Bearer token a request carried. Writes need a token: any token,
+    or one of `write_tokens` when given.
     """
 
     def __init__(self, root: str | Path | None = None, *, user: str = DEFAULT_USER,
-                 host: str = "127.0.0.1", port: int = 0):
+                 host: str = "127.0.0.1", port: int = 0, write_tokens: set | None = None):
         self._tmp = None if root is not None else tempfile.TemporaryDirectory(prefix="local-hub-")
         self.storage = Storage(root if root is not None else self._tmp.name)
         self.storage.root.mkdir(parents=True, exist_ok=True)
         self.user, self.host, self.port = user, host, port
+        self.write_tokens = write_tokens
         self.requests_log: list[tuple[str, str]] = []
         self.last_token: str | None = None
         self._server: ThreadingHTTPServer | None = None

@@ -131,3 +131,47 @@ def test_nan_weight_in_the_source_is_refused_and_nothing_published(hub, tmp_path
         convert("acme/nan-model", tmp_path / "out", upload_repo="me/nan-model")
     with pytest.raises(Exception):
         hub.files("me/nan-model")
+
+
+def test_rejected_upload_keeps_the_output_and_the_retry_publishes_it(hub, seeded, tmp_path, capsys):
+    """The Hub refuses the token: one line naming the cause and the retry command, the token never shown, the
+    converted folder kept; the retry (`--validate-only --upload-repo`) publishes it without converting again."""
+    from convert.cli import main
+
+    hub.write_tokens = {"hf_some_other_token"}
+    out = tmp_path / "out"
+    with pytest.raises(ConvertError) as info:
+        convert(SOURCE_REPO, out, quantize=True, upload_repo="me/retry", skip_validation=True)
+    message = str(info.value)
+    assert "\n" not in message and "hf_test_secret_token_123" not in message
+    assert message.startswith("upload to me/retry failed:") and "401" in message
+    assert "check HF_TOKEN or `hf auth login`, and write access to me" in message
+    assert f"--mlx-path {out} --validate-only --upload-repo me/retry" in message
+    assert (out / "config.json").is_file() and list(out.glob("model*.safetensors"))
+    assert "Not validated" in (out / "README.md").read_text()
+    with pytest.raises(Exception):
+        hub.files("me/retry")
+
+    hub.write_tokens = None
+    main(["--hf-path", SOURCE_REPO, "--mlx-path", str(out), "--validate-only", "--upload-repo", "me/retry"])
+    assert "Published to" in capsys.readouterr().out
+    assert hub.files("me/retry") == {p.name: p.stat().st_size for p in out.iterdir()}
+    card = hub.read("me/retry", "README.md").decode()
+    assert "| result | passed |" in card and "Not validated" not in card
+    assert "# me/retry" in card and 'load("me/retry")' in card
+    assert json.loads(hub.read("me/retry", "validation.json"))["passed"] is True
+
+
+def test_remote_that_differs_from_the_folder_is_caught(hub, seeded, tmp_path):
+    from convert.publish import PublishError, local_files, remote_files, verify_remote
+    from huggingface_hub import HfApi
+
+    out = convert(SOURCE_REPO, tmp_path / "out", upload_repo="me/checked", skip_validation=True).path
+    api = HfApi(endpoint=hub.endpoint)
+    remote = remote_files(api, "me/checked", "main")
+    verify_remote(local_files(out), remote)  # what was published matches
+    with (out / "config.json").open("a") as f:
+        f.write(" ")
+    (out / "extra.txt").write_text("written after the upload")
+    with pytest.raises(PublishError, match=r"missing: extra.txt; size differs: config.json"):
+        verify_remote(local_files(out), remote)

@@ -235,3 +235,20 @@ def test_cli_serves_seeded_repo(model_dir, tmp_path):
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+def test_writes_need_a_valid_token(hub):
+    """Like the Hub: reading works anonymously, writing without a token (or with one the hub does not accept) is
+    refused with 401."""
+    with pytest.raises(HfHubHTTPError) as info:
+        HfApi(endpoint=hub.endpoint, token=False).create_repo("org/anonymous")
+    assert info.value.response.status_code == 401
+    hub.write_tokens = {"hf_the_right_one"}
+    try:
+        with pytest.raises(HfHubHTTPError) as info:
+            HfApi(endpoint=hub.endpoint, token="hf_wrong").create_repo("org/wrong-token")
+        assert info.value.response.status_code == 401
+        HfApi(endpoint=hub.endpoint, token="hf_the_right_one").create_repo("org/right-token")
+    finally:
+        hub.write_tokens = None
+    assert not hub.storage.exists("org/anonymous") and hub.storage.exists("org/right-token")
