@@ -193,6 +193,9 @@ class hub_errors:
 
         if isinstance(error, errors.RevisionNotFoundError):
             raise ConvertError(f"{self.repo_id}: revision not found; check --revision") from None
+        if isinstance(error, errors.GatedRepoError):  # a subclass of RepositoryNotFoundError
+            raise ConvertError(f"{self.repo_id} is gated: accept its conditions at {self.endpoint}/{self.repo_id} "
+                               "with your account, then log in with `hf auth login` or set HF_TOKEN") from None
         if isinstance(error, errors.RepositoryNotFoundError):
             raise ConvertError(f"{self.repo_id} not found on {self.endpoint} (if it is private or gated, log in "
                                "with `hf auth login` or set HF_TOKEN)") from None

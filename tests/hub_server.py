@@ -410,6 +410,11 @@ class _Handler(BaseHTTPRequestHandler):
 
     def resolve(self, repo: str, rev: str, path: str, **_) -> None:
         self._readable(repo)
+        granted = self.hub.gated.get(repo)
+        if granted is not None and self.token not in granted and path not in ("README.md", ".gitattributes"):
+            # Like the Hub: the card stays readable; files need an account that accepted the conditions.
+            raise HubError(403 if self.token else 401, f"Access to model {repo} is restricted. You must have "
+                           "access to it and be authenticated to access it. Please log in.", "GatedRepo")
         sha = self.storage.resolve(repo, rev)
         entry = self.storage.files(repo, sha).get(path)
         if entry is None:
@@ -520,7 +525,8 @@ class LocalHub:
 
     `root` defaults to a temporary folder removed by `stop()`. `requests_log` lists (method, unquoted path)
     of every request; `last_token` is the last Bearer token a request carried. Writes need a token: any token,
-    or one of `write_tokens` when given.
+    or one of `write_tokens` when given. `gated[repo_id]` is the set of tokens that accepted a gated repo's
+    conditions: other requests for its files are refused as the Hub refuses them.
     """
 
     def __init__(self, root: str | Path | None = None, *, user: str = DEFAULT_USER,
@@ -530,6 +536,7 @@ class LocalHub:
         self.storage.root.mkdir(parents=True, exist_ok=True)
         self.user, self.host, self.port = user, host, port
         self.write_tokens = write_tokens
+        self.gated: dict[str, set] = {}
         self.requests_log: list[tuple[str, str]] = []
         self.last_token: str | None = None
         self._server: ThreadingHTTPServer | None = None

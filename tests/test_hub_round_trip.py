@@ -88,6 +88,18 @@ def test_hub_errors_are_one_line(hub, tmp_path, repo, message):
     assert "\n" not in str(info.value) and "hf_test_secret" not in str(info.value)
 
 
+def test_gated_repo_says_how_to_get_access(hub, seeded, tmp_path):
+    hub.seed("acme/gated", seeded)
+    hub.gated["acme/gated"] = {"hf_accepted_token"}
+    with pytest.raises(ConvertError) as info:
+        convert("acme/gated", tmp_path / "out")
+    assert str(info.value) == (f"acme/gated is gated: accept its conditions at {hub.endpoint}/acme/gated with your "
+                               "account, then log in with `hf auth login` or set HF_TOKEN")
+    assert weight_requests(hub) == [] and not (tmp_path / "out").exists()
+    hub.gated["acme/gated"].add("hf_test_secret_token_123")  # the user accepts the conditions
+    assert convert("acme/gated", tmp_path / "out", skip_validation=True).path.is_dir()
+
+
 def test_failed_validation_publishes_nothing(hub, seeded, tmp_path, monkeypatch):
     import convert.validate as validate
 
