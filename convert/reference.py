@@ -54,7 +54,7 @@ class CheckpointReader:
         return list(torch.load(file, map_location="cpu", weights_only=True, mmap=True).keys())
 
     def rename(self, renames):
-        """Also answer to the names transformers gives checkpoint keys on load (e.g. gpt_neox `embed_out.` ->
+        """Also answer to the names transformers gives checkpoint keys on load (e.g. `embed_out.` ->
         `lm_head.`); `renames` are (regex, replacement) pairs."""
         for key in list(self.files):
             new = key
