@@ -7,7 +7,9 @@ model's size. Every probe the gate needs travels through the layers together, so
 - the padded batch of probe prompts: logits and each layer's hidden states;
 - one prompt run alone, and the same prompt fed as a prefill chunk and then one token at a time through the KV
   cache (the cache check);
-- the shortest prompts run alone, without padding (the batch check).
+- the shortest prompts run alone, without padding (the batch check);
+- for float16 outputs, the padded batch again in float16 activations, as a reader runs it: float16's range ends at
+  65504, and a model whose activations grow past it gives infinities there while every float32 check passes.
 
 Running the cached decode layer by layer instead of token by token computes the same thing: a layer's cache
 depends only on that layer's inputs, in order.
@@ -61,6 +63,19 @@ class Outputs:
     layers: list  # hidden states after each layer, (B, L, D) each
     alone: dict  # row -> logits (1, n, vocab) of that prompt run alone
     cached: np.ndarray  # logits of row 0 through prefill + token-by-token decode
+    low_max_abs: list = None  # with `low_precision`: largest |hidden state| after each layer, then of the logits
+
+
+def as_dtype(module, dtype):
+    """Cast a module's float parameters (lazily)."""
+    module.update(tree_map(lambda p: p.astype(dtype) if mx.issubdtype(p.dtype, mx.floating) else p,
+                           module.parameters()))
+
+
+def largest(x, real: np.ndarray) -> float:
+    """Largest |x| over the real (unpadded) positions; inf if any is not finite."""
+    x = np.abs(np.array(x.astype(mx.float32)))[real.astype(bool)]
+    return float(x.max()) if np.isfinite(x).all() else float("inf")
 
 
 def rel_error(ours, ref) -> float:
@@ -68,10 +83,12 @@ def rel_error(ours, ref) -> float:
     return float(np.abs(ours - ref).max() / max(np.abs(ref).max(), 1e-30))
 
 
-def run(model, ids: np.ndarray, mask: np.ndarray, on_layer: Optional[Callable] = None) -> Outputs:
+def run(model, ids: np.ndarray, mask: np.ndarray, on_layer: Optional[Callable] = None,
+        low_precision=None) -> Outputs:
     """All probes through `model` (lazy, as loaded with `load_model(..., lazy=True)`), one layer at a time.
 
-    The model is consumed: its layers are released as they finish. `on_layer(i)` is called after layer i.
+    The model is consumed: its layers are released as they finish. `on_layer(i)` is called after layer i. With
+    `low_precision` (an MLX dtype), the padded batch also runs in that dtype and `low_max_abs` is filled.
     """
     as_float32(model)
     lengths = mask.sum(1)
@@ -88,6 +105,9 @@ def run(model, ids: np.ndarray, mask: np.ndarray, on_layer: Optional[Callable] =
     caches = model.make_cache()
     n_layers = len(model.layers)
     hidden = []
+    low = None if low_precision is None else batch.astype(low_precision)
+    low_masks = None if low is None else model.masks(low)
+    low_max_abs = None if low is None else []
     for i in range(n_layers):
         layer = model.layers[i]
         batch = layer(batch, batch_masks[i], None)
@@ -97,16 +117,24 @@ def run(model, ids: np.ndarray, mask: np.ndarray, on_layer: Optional[Callable] =
         cached = [layer(h, model.masks(h, [caches[i]] * n_layers)[i], caches[i]) for h in cached]
         mx.eval(batch, alone, cached)
         hidden.append(np.array(batch))
+        if low is not None:
+            as_dtype(layer, low_precision)
+            low = layer(low, low_masks[i], None)
+            low_max_abs.append(largest(low, mask))
         model.layers[i], caches[i] = Released(layer.window), None
         del layer
         if on_layer is not None:
             on_layer(i)
-    return Outputs(
+    out = Outputs(
         logits=np.array(model.head(batch)),
         layers=hidden,
         alone={r: np.array(model.head(h)) for r, h in alone.items()},
         cached=np.array(model.head(mx.concatenate(cached, axis=1))),
     )
+    if low is not None:
+        as_dtype(model, low_precision)  # what is left: embedding, final norm, head
+        out.low_max_abs = low_max_abs + [largest(model.head(low), mask)]
+    return out
 
 
 def cache_rel_error(out: Outputs) -> float:

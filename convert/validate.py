@@ -2,9 +2,10 @@
 
 Runs on the converted model reloaded from its saved files, against the transformers model of the source in float32.
 Both run one layer at a time with weights read just before use and released after (`reference.py`,
-`layerwise.py`), so memory stays bounded for models larger than memory. Checks logits on fixed prompts, hidden states layer by layer,
-KV-cache and padded-batch consistency, non-finite values and tokenizer fidelity. Thresholds depend on the
-precision of the output and are listed in `THRESHOLDS`.
+`layerwise.py`), so memory stays bounded for models larger than memory. Checks logits on fixed prompts, hidden
+states layer by layer, KV-cache and padded-batch consistency, non-finite values, tokenizer fidelity, and (for
+float16 outputs) that activations stay within float16's range. Thresholds depend on the precision of the output
+and are listed in `THRESHOLDS`.
 """
 
 import json
@@ -14,6 +15,7 @@ from typing import Callable, Optional
 
 import mlx.core as mx
 import numpy as np
+from mlx_arch.base import source_dtype
 
 from .layerwise import rel_error
 
@@ -26,9 +28,9 @@ CHAT = [{"role": "user", "content": "Write one sentence about the sea."}]
 TOKENIZER_PROBES = PROMPTS + ["  leading and   inner  spaces\n\ttabs\r\n", "", "ÅÄÖ ß Ω 🤖 \u200b zero-width"]
 MAX_PROBE_TOKENS = 48
 
-# Gate thresholds per output precision: logits KL(reference || ours) averaged over positions, top-1 agreement,
-# (on positions where the reference's choice is decided), max relative logit error (float formats only), and the hidden-state relative error that marks a layer as the
-# first one to diverge. Quantized bounds are loose enough for small real models at that bit width (SmolLM2-135M
+# Gate thresholds per output precision: logits KL(reference || ours) averaged over positions, top-1 agreement
+# (on positions where the reference's choice is decided), max relative logit error (float formats only), and the
+# hidden-state relative error that marks a layer as the first one to diverge. Quantized bounds are loose enough for small real models at that bit width (SmolLM2-135M
 # with plain round-to-nearest: KL 0.005 at 8 bits, 0.81 at 4 bits) and tight enough to catch a broken
 # conversion (a wrong layout or RoPE gives KL of several nats and random top-1).
 THRESHOLDS = {
@@ -58,6 +60,7 @@ class Report:
     batch_rel_error: Optional[float] = None
     tokenizer: dict = field(default_factory=dict)
     non_finite: list = field(default_factory=list)
+    float16_max_abs: Optional[list] = None  # float16 outputs: largest |activation| per layer, then the logits
     failures: list = field(default_factory=list)
 
     @property
@@ -75,8 +78,6 @@ def precision_of(config: dict) -> tuple:
         bits = min([quant["bits"]] + [v["bits"] for v in quant.values() if isinstance(v, dict) and "bits" in v])
         mode = quant.get("mode", "affine")
         return f"{mode} {quant['bits']}-bit (min {bits})" if bits != quant["bits"] else f"{mode} {bits}-bit", bits
-    from mlx_arch.base import source_dtype
-
     dtype = source_dtype(config) or "float32"
     return dtype, dtype
 
@@ -220,8 +221,12 @@ def validate(source, output, progress: Optional[Callable] = None) -> Report:
     reference = StreamedForward(build_reference(source), CheckpointReader(source))
     reference.on_layer = layer_ticker(progress, n_layers, "validate: transformers")
     ref_logits, ref_layers = reference(ids, mask)
-    out = layerwise.run(model, ids, mask, on_layer=layer_ticker(progress, n_layers, "validate: mlx"))
+    float16 = source_dtype(config) == "float16"
+    out = layerwise.run(model, ids, mask, on_layer=layer_ticker(progress, n_layers, "validate: mlx"),
+                        low_precision=mx.float16 if float16 else None)
     compare_outputs(report, mask, out.logits, out.layers, ref_logits, ref_layers)
+    if float16:
+        check_float16_range(report, out.low_max_abs)
 
     report.cache_rel_error = layerwise.cache_rel_error(out)
     report.batch_rel_error = layerwise.batch_rel_error(out, mask)
@@ -230,6 +235,16 @@ def validate(source, output, progress: Optional[Callable] = None) -> Report:
         if not err <= CONSISTENCY_TOL:
             report.failures.append(f"{name}: relative error {err:.2e} > {CONSISTENCY_TOL:.0e}")
     return report
+
+
+def check_float16_range(report, max_abs: list):
+    """Fail when float16 activations overflow (to infinity or NaN), naming the first layer where they do."""
+    report.float16_max_abs = max_abs
+    over = next((i for i, x in enumerate(max_abs) if not np.isfinite(x)), None)
+    if over is not None:
+        where = "the logits" if over == len(max_abs) - 1 else f"layer {over}"
+        report.failures.append(f"float16 activations overflow at {where} (float16 ends at 65504): convert with "
+                               "--dtype bfloat16 instead")
 
 
 def compare_outputs(report, mask, logits, layers, ref_logits, ref_layers):
@@ -281,6 +296,8 @@ def summary_table(report: Report) -> str:
     if report.layers:
         worst = max(report.layers, key=lambda r: r["rel_error"])
         rows.append(("worst layer (hidden-state rel. error)", f"{worst['layer']} ({worst['rel_error']:.2e})"))
+    if report.float16_max_abs:
+        rows.append(("largest float16 activation (limit 65504)", f"{max(report.float16_max_abs):.3g}"))
     if report.cache_rel_error is not None:
         rows.append(("cache decode vs full forward", f"{report.cache_rel_error:.2e}"))
         rows.append(("padded batch vs single", f"{report.batch_rel_error:.2e}"))

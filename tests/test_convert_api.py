@@ -49,6 +49,7 @@ def test_dtype_flag_casts(tmp_path):
     result = convert(str(src), tmp_path / "out", dtype="float16")
     assert json.loads((result.path / "config.json").read_text())["dtype"] == "float16"
     assert result.validation.passed and result.validation.precision == "float16"
+    assert 0 < max(result.validation.float16_max_abs) < 65504  # the float16 pass ran and stayed in range
 
 
 def test_output_layout_and_config(tmp_path):

@@ -91,6 +91,27 @@ def test_named_chat_templates_are_checked(tmp_path):
         result["mismatches"]
 
 
+def test_float16_overflow_is_refused_by_layer(tmp_path):
+    """Activations past float16's range pass every float32 check; the float16 pass names the layer where they
+    overflow, and the same model converted to bfloat16 passes."""
+    from safetensors.numpy import load_file, save_file
+
+    from convert import ConvertError, convert
+
+    src = make_checkpoint(tmp_path / "src", "llama", num_hidden_layers=3)
+    weights = load_file(src / "model.safetensors")
+    weights["model.layers.1.post_attention_layernorm.weight"] *= 3000  # the MLP's product grows ~10^7 times
+    save_file(weights, src / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ConvertError, match=r"float16 activations overflow at layer 1 \(float16 ends at 65504\): "
+                                           "convert with --dtype bfloat16 instead"):
+        convert(str(src), tmp_path / "fp16", dtype="float16")
+    report = json.loads((tmp_path / "fp16.rejected" / "validation.json").read_text())
+    assert report["logits"]["kl_mean"] < THRESHOLDS["float16"]["kl_mean"]  # float32 checks alone would pass
+    assert report["float16_max_abs"][0] < 65504 and report["float16_max_abs"][1] == float("inf")
+    result = convert(str(src), tmp_path / "bf16", dtype="bfloat16")
+    assert result.validation.passed and result.validation.float16_max_abs is None
+
+
 def test_broken_cache_is_caught(source, tmp_path, monkeypatch):
     from mlx_arch.cache import KVCache
 
