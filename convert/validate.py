@@ -30,9 +30,10 @@ MAX_PROBE_TOKENS = 48
 
 # Gate thresholds per output precision: logits KL(reference || ours) averaged over positions, top-1 agreement
 # (on positions where the reference's choice is decided), max relative logit error (float formats only), and the
-# hidden-state relative error that marks a layer as the first one to diverge. Quantized bounds are loose enough for small real models at that bit width (SmolLM2-135M
-# with plain round-to-nearest: KL 0.005 at 8 bits, 0.81 at 4 bits) and tight enough to catch a broken
-# conversion (a wrong layout or RoPE gives KL of several nats and random top-1).
+# hidden-state relative error that marks a layer as the first one to diverge. Quantized bounds are loose enough
+# for small real models at that bit width (SmolLM2-135M with plain round-to-nearest: KL 0.005 at 8 bits, 0.81 at
+# 4 bits) and tight enough to catch a broken conversion (a wrong layout or RoPE gives KL of several nats and random
+# top-1).
 THRESHOLDS = {
     "float32": dict(max_rel_error=1e-4, kl_mean=1e-6, top1=0.99, layer_error=1e-3),
     "float16": dict(max_rel_error=2e-2, kl_mean=1e-3, top1=0.97, layer_error=3e-2),

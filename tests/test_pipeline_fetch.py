@@ -78,7 +78,8 @@ def test_named_chat_templates_are_fetched_and_kept(hub, tmp_path):
     hub.seed("acme/templates", src)
     out = convert("acme/templates", tmp_path / "out", skip_validation=True).path
     assert sorted(p.name for p in (out / "additional_chat_templates").iterdir()) == ["tool_use.jinja"]
-    assert (out / "additional_chat_templates/tool_use.jinja").read_bytes() == (templates / "tool_use.jinja").read_bytes()
+    copied = out / "additional_chat_templates/tool_use.jinja"
+    assert copied.read_bytes() == (templates / "tool_use.jinja").read_bytes()
     tokenizer = AutoTokenizer.from_pretrained(out)
     text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], chat_template="tool_use",
                                          tokenize=False)
