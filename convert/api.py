@@ -62,7 +62,29 @@ def run(plan: ConvertPlan, progress: Optional[Callable] = None, log: Optional[Ca
     log(f"pre-flight: {src.config['model_type']} from {src.repo_id or src.folder}, weights: "
         f"{len(src.weight_files)} file(s)")
     folder = source.fetch(plan, src)
-    weights = source_weights(folder, src, progress)
+    with save.scratch(plan.mlx_path) as scratch:  # .bin sources are rewritten here to be read lazily
+        converted = convert_weights(plan, src, source_weights(folder, src, progress, scratch), log)
+        with save.staging(plan.mlx_path, plan.overwrite) as tmp:
+            result = write_output(plan, src, folder, tmp, converted, progress, log)
+    result.seconds = time.time() - start
+    if plan.upload_repo:
+        result.published = upload(plan, src, log)
+    return result
+
+
+@dataclass
+class Converted:
+    """What goes into the output folder: lazy weights (evaluated while saving) and the output config."""
+
+    weights: dict
+    config: dict
+    dtype: str
+    quant: q.QuantReport
+    n_params: int
+
+
+def convert_weights(plan: ConvertPlan, src, weights: dict, log) -> Converted:
+    """Sanitize, strict-load, cast and quantize; everything stays lazy."""
     model = q.build_model(src.config, weights)
     dtype = q.target_dtype(plan, src.config)
     quant = q.QuantReport()
@@ -74,26 +96,27 @@ def run(plan: ConvertPlan, progress: Optional[Callable] = None, log: Optional[Ca
             quant = q.quantize(model, plan)
     for skipped in quant.skipped:
         log(f"kept in full precision: {skipped}")
-    n_params = q.parameter_count(model)
     config = model.export_config(dict(src.config))
     # State the resolved head tying: readers default differently when the key is absent (mlx-lm assumes tied).
     tied = getattr(model.args, "tie_word_embeddings", None)
     if tied is not None:
         config.setdefault("tie_word_embeddings", tied)
-    weights = dict(tree_flatten(model.parameters()))
-    del model  # the shards below evaluate lazily; nothing else may keep the arrays alive
+    # Only the flat dict may keep the arrays alive: the shards evaluate and release them one by one.
+    return Converted(dict(tree_flatten(model.parameters())), config, dtype, quant, q.parameter_count(model))
 
-    with save.staging(plan.mlx_path, plan.overwrite) as tmp:
-        shard_progress = (lambda it: progress(it, desc="save", unit="shard")) if progress else None
-        size = save.write_weights(weights, tmp, plan.max_shard_size, shard_progress)
-        (tmp / "config.json").write_text(json.dumps(save.output_config(config, dtype, quant.config), indent=2))
-        save.copy_side_files(folder, tmp)
-        result = ConvertResult(plan.mlx_path, size, size * 8 / n_params, n_params, 0.0, quant.config, quant.skipped)
-        result.validation = gate(plan, folder, tmp, progress, log)
-        write_card(plan, src, folder, tmp, dtype, result)
-    result.seconds = time.time() - start
-    if plan.upload_repo:
-        result.published = upload(plan, src, log)
+
+def write_output(plan: ConvertPlan, src, folder: Path, tmp: Path, converted: Converted, progress, log):
+    """Shards, config, side files, then the gate on what was written, then the card (which reports the gate)."""
+    shard_progress = (lambda it: progress(it, desc="save", unit="shard")) if progress else None
+    quant = converted.quant
+    size = save.write_weights(converted.weights, tmp, plan.max_shard_size, shard_progress)
+    config = save.output_config(converted.config, converted.dtype, quant.config)
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    save.copy_side_files(folder, tmp)
+    result = ConvertResult(plan.mlx_path, size, size * 8 / converted.n_params, converted.n_params, 0.0,
+                           quant.config, quant.skipped)
+    result.validation = gate(plan, folder, tmp, progress, log)
+    write_card(plan, src, folder, tmp, converted.dtype, result)
     return result
 
 
@@ -129,11 +152,11 @@ def validated(source_folder: Path, out: Path, progress, log) -> validate.Report:
     return report
 
 
-def source_weights(folder, src, progress):
+def source_weights(folder, src, progress, scratch):
     from .load import load_weights
 
     wrap = (lambda files: progress(files, desc="load", unit="file")) if progress else None
-    return load_weights(folder, src.weight_files, wrap)
+    return load_weights(folder, src.weight_files, wrap, scratch)
 
 
 def gate(plan: ConvertPlan, source_folder: Path, out: Path, progress, log) -> Optional[validate.Report]:

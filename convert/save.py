@@ -1,7 +1,8 @@
 """Writing the output folder in the layout mlx-lm reads, into a staging folder that is renamed into place only
-when complete. Shards are evaluated one at a time, so peak memory is bounded by the shard size."""
+when complete. Shards are written tensor by tensor, so peak memory is a few tensors, whatever the shard size."""
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -10,6 +11,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from . import safetensors_file
 from .errors import ConvertError
 from .source import TEMPLATE_DIR
 
@@ -42,27 +44,19 @@ SAFETENSORS_DTYPES = {
 def stream_safetensors(path: Path, tensors: list) -> int:
     """Write (name, lazy array) pairs as a safetensors file, evaluating and releasing one tensor at a time.
 
-    The header only needs shapes and dtypes, which lazy arrays know without being computed. Returns the number
-    of data bytes written.
+    The header only needs shapes and dtypes, which lazy arrays know without being computed. `tensors` is emptied.
+    Returns the number of data bytes written.
     """
-    header, offset = {}, 0
-    for name, array in tensors:
-        header[name] = {"dtype": SAFETENSORS_DTYPES[array.dtype], "shape": list(array.shape),
-                        "data_offsets": [offset, offset + array.nbytes]}
-        offset += array.nbytes
-    header["__metadata__"] = {"format": "mlx"}
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)  # the data section starts 8-byte aligned
-    with open(path, "wb") as f:
-        f.write(len(encoded).to_bytes(8, "little"))
-        f.write(encoded)
-        while tensors:
-            _, array = tensors.pop(0)
-            flat = mx.contiguous(array.reshape(-1))
-            mx.eval(flat)
-            f.write(memoryview(np.asarray(flat.view(mx.uint8))))
-            del array, flat
-    return offset
+    entries = [(name, SAFETENSORS_DTYPES[a.dtype], a.shape, a.nbytes, functools.partial(_evaluated_bytes, a))
+               for name, a in tensors]
+    tensors.clear()
+    return safetensors_file.write(path, entries, "mlx")
+
+
+def _evaluated_bytes(array):
+    flat = mx.contiguous(array.reshape(-1))
+    mx.eval(flat)
+    return memoryview(np.asarray(flat.view(mx.uint8)))
 
 
 def write_weights(weights: dict, folder: Path, max_bytes: int, progress=None) -> int:
@@ -125,15 +119,32 @@ def check_target(target: Path, overwrite: bool):
                            "--overwrite")
 
 
+def fresh_sibling(target: Path, kind: str) -> Path:
+    """A new, empty hidden folder beside `target` (same disk, so a rename into place is atomic)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    folder = target.parent / f".{target.name}.{kind}-{os.getpid()}"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir()
+    return folder
+
+
+@contextlib.contextmanager
+def scratch(target: Path):
+    """A hidden sibling folder of `target` for intermediate files (e.g. `.bin` sources rewritten as safetensors),
+    removed at the end however the run ends. Beside the output, so on a disk that was chosen to hold a model."""
+    folder = fresh_sibling(Path(target).absolute(), "scratch")
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def staging(target: Path, overwrite: bool):
     """A temporary sibling folder, renamed to `target` on success and removed on failure."""
     target = Path(target).absolute()
     check_target(target, overwrite)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = fresh_sibling(target, "partial")
     try:
         yield tmp
     except BaseException:

@@ -64,6 +64,22 @@ def build_checkpoint(path: Path, shape: dict):
     save_tokenizer(path)
 
 
+def depth_args(description: str):
+    """--layers and --workdir, for the benchmarks that grow the TinyLlama shape in depth."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--layers", type=int, nargs="+", default=[11, 22])
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/mlx-convert-bench"))
+    return parser.parse_args()
+
+
+def deep_checkpoints(args):
+    """(layers, checkpoint folder) for each --layers depth of the TinyLlama shape, built once in --workdir."""
+    for n in args.layers:
+        src = args.workdir / f"src-tinyllama-{n}"
+        build_checkpoint(src, {**SHAPES["tinyllama"], "num_hidden_layers": n})
+        yield n, src
+
+
 def measured(command: list) -> tuple:
     wrapper = [sys.executable, "-c", "import resource, subprocess, sys, time; t = time.time(); "
                "subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL); "

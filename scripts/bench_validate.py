@@ -8,25 +8,19 @@ resident memory next to the size of the float32 model that an unstreamed gate wo
 ours).
 """
 
-import argparse
 import shutil
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_convert import SHAPES, build_checkpoint, measured  # noqa: E402
+from bench_convert import deep_checkpoints, depth_args, measured  # noqa: E402
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, nargs="+", default=[11, 22])
-    parser.add_argument("--workdir", type=Path, default=Path("/tmp/mlx-convert-bench"))
-    args = parser.parse_args()
+    args = depth_args(__doc__.splitlines()[0])
     rows = []
-    for n in args.layers:
-        shape = {**SHAPES["tinyllama"], "num_hidden_layers": n}
-        src, out = args.workdir / f"src-tinyllama-{n}", args.workdir / f"out-validate-{n}"
-        build_checkpoint(src, shape)
+    for n, src in deep_checkpoints(args):
+        out = args.workdir / f"out-validate-{n}"
         shutil.rmtree(out, ignore_errors=True)
         measured(["mlx-convert", "--hf-path", str(src), "--mlx-path", str(out), "-q", "--skip-validation"])
         seconds, peak = measured(["mlx-convert", "--hf-path", str(src), "--mlx-path", str(out), "--validate-only"])
