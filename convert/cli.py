@@ -1,5 +1,6 @@
 """The `mlx-convert` command: parses flags into a ConvertPlan and calls the same `run` as the Python API."""
 
+import errno
 import os
 import re
 import sys
@@ -132,6 +133,17 @@ def main(argv=None):
     except ConvertError as e:
         click.echo(f"Error: {e}", err=True)
         sys.exit(1)
+    except OSError as e:  # disk full, no permission, ...: the staging and scratch folders are already gone
+        click.echo(f"Error: {os_error_message(e)}", err=True)
+        sys.exit(1)
+
+
+def os_error_message(e: OSError) -> str:
+    where = f" ({e.filename})" if e.filename else ""
+    hint = {errno.ENOSPC: "free some space or choose another --mlx-path (a conversion needs room for its output, "
+                          "and for a copy of .bin sources)",
+            errno.EACCES: "choose an --mlx-path you can write to"}.get(e.errno, "nothing was written")
+    return f"{e.strerror or e}{where}: {hint}"
 
 
 if __name__ == "__main__":

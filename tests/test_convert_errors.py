@@ -109,6 +109,38 @@ def test_failure_during_save_leaves_nothing(src, tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
 
+def test_full_disk_is_one_line_and_leaves_nothing(src, tmp_path, monkeypatch, capsys):
+    """Running out of space while a `.bin` source is spilled or a shard is written: one line naming the file and
+    what to do; neither the staging folder nor the scratch folder stays behind."""
+    import errno
+    import shutil
+
+    from convert import safetensors_file
+
+    binary = tmp_path / "bin"
+    shutil.copytree(make_checkpoint(tmp_path / "made", "llama", safe=False), binary)
+    shutil.rmtree(tmp_path / "made")
+    real = safetensors_file.write
+    for source, calls_before_failure in ((src, 0), (binary, 1)):  # a shard write; a shard after the .bin spill
+        calls = []
+
+        def full(path, entries, fmt):
+            calls.append(path)
+            if len(calls) > calls_before_failure:
+                raise OSError(errno.ENOSPC, "No space left on device", str(path))
+            return real(path, entries, fmt)
+
+        monkeypatch.setattr(safetensors_file, "write", full)
+        with pytest.raises(SystemExit) as info:
+            main(["--hf-path", str(source), "--mlx-path", str(tmp_path / "out")])
+        assert info.value.code == 1
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith("Error: No space left on device (") and err.endswith(
+            "free some space or choose another --mlx-path (a conversion needs room for its output, and for a copy "
+            "of .bin sources)")
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["bin", "src"]
+
+
 def test_dead_network_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
     refuse("org/model", tmp_path, "cannot reach http://127.0.0.1:9")
