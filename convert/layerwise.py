@@ -30,17 +30,71 @@ def as_float32(model):
     """Evaluate in float32 activations, quantized layers dequantized (lazily: nothing is read yet).
 
     On the CPU, bf16 quantized matmuls carry ~3% error of their own and run at a twentieth of the float speed;
-    dequantized float32 weights compute the same function as the quantized layer, exactly and faster.
+    dequantized float32 weights compute the same function as the quantized layer, exactly and faster. Embeddings
+    and heads outside the decoder layers stay as stored and are read in blocks of rows (`RowBlocks`), so their
+    float32 form never exists whole.
     """
     floats = (mx.float16, mx.bfloat16)
+    inside = {id(m) for layer in model.layers for _, m in layer.named_modules()}
     replacements = []
     for path, module in model.named_modules():
-        if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+        if id(module) not in inside and isinstance(module, VOCAB_SIZED):
+            replacements.append((path, RowBlocks(module)))
+        elif isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
             replacements.append((path, dequantized(module)))
     if replacements:
         model.update_modules(tree_unflatten(replacements))
     model.update(tree_map(lambda p: p.astype(mx.float32) if p.dtype in floats else p, model.parameters()))
     return model
+
+
+VOCAB_SIZED = (nn.Embedding, nn.QuantizedEmbedding, nn.Linear, nn.QuantizedLinear)
+
+
+class _Stored:
+    """Holds a module out of sight of `Module.parameters()`, so that casting the model leaves it as stored."""
+
+    def __init__(self, module):
+        self.module = module
+
+
+class RowBlocks(nn.Module):
+    """An embedding or linear layer evaluated in float32 (or `dtype`) from its stored weights, `ROWS` output rows
+    at a time: a lookup dequantizes only the rows it reads; a product (head, tied head) is computed block by block
+    and each block evaluated before the next is read, so memory holds one block instead of the float32 matrix."""
+
+    ROWS = 8192
+
+    def __init__(self, module):
+        super().__init__()
+        self.stored = _Stored(module)
+        self.dtype = mx.float32
+
+    def rows(self, start: int, stop: int):
+        m = self.stored.module
+        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+            w = mx.dequantize(m.weight[start:stop], m.scales[start:stop],
+                              None if m.get("biases") is None else m.biases[start:stop],
+                              group_size=m.group_size, bits=m.bits, mode=m.mode)
+        else:
+            w = m.weight[start:stop]
+        return w.astype(self.dtype)
+
+    def as_linear(self, x):
+        n = self.stored.module.weight.shape[0]
+        blocks = []
+        for start in range(0, n, self.ROWS):
+            block = x.astype(self.dtype) @ self.rows(start, min(start + self.ROWS, n)).T
+            mx.eval(block)
+            blocks.append(block)
+        return mx.concatenate(blocks, axis=-1)
+
+    def __call__(self, x):
+        m = self.stored.module
+        if isinstance(m, (nn.Embedding, nn.QuantizedEmbedding)):
+            return m(x).astype(self.dtype)  # the same values as dequantizing everything, then looking up
+        out = self.as_linear(x)
+        return out + m.bias.astype(self.dtype) if "bias" in m else out
 
 
 class Released:
@@ -133,6 +187,9 @@ def run(model, ids: np.ndarray, mask: np.ndarray, on_layer: Optional[Callable] =
     )
     if low is not None:
         as_dtype(model, low_precision)  # what is left: embedding, final norm, head
+        for module in model.modules():
+            if isinstance(module, RowBlocks):
+                module.dtype = low_precision
         out.low_max_abs = low_max_abs + [largest(model.head(low), mask)]
     return out
 

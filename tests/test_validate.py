@@ -4,7 +4,8 @@ import json
 import shutil
 
 import mlx.core as mx
-from mlx.utils import tree_flatten
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
 import numpy as np
 import pytest
 
@@ -197,3 +198,39 @@ def test_reference_side_holds_one_module_at_a_time(source):
     np.testing.assert_allclose(logits, ref.logits.numpy(), rtol=1e-5, atol=1e-5)
     assert len(layers) == model.config.num_hidden_layers
     np.testing.assert_allclose(layers[0], ref.hidden_states[1].numpy(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("tied,bits,bound", [(True, 4, 0.5), (False, None, 1.25)], ids=["tied-4bit", "untied-bf16"])
+def test_vocabulary_sized_matrices_are_never_whole_in_float32(tmp_path, monkeypatch, tied, bits, bound):
+    """The embedding and head are used as stored (packed 4-bit, or bf16) and turned into float32 a block of rows at
+    a time, and the logits still equal those of the plain float32 forward pass. Bounds, in float32 copies of the
+    8 MB vocabulary matrix: tied 4-bit 0.5 (the stored matrix is 1.1 MB); untied bf16 1.25 (two stored matrices
+    of 4 MB each; float32 copies of both, as before, would be 2)."""
+    from convert import layerwise
+    from convert.quantize import dequantized
+    from convert.validate import probe_batch
+    from mlx_arch import load_model
+    from transformers import AutoTokenizer
+
+    src = make_checkpoint(tmp_path / "src", "llama", vocab_size=16384, hidden_size=128, intermediate_size=256,
+                          num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2, tie_word_embeddings=tied)
+    out = write_mlx_folder(src, tmp_path / "out", dtype="bfloat16", bits=bits)
+    ids, mask = probe_batch(AutoTokenizer.from_pretrained(src), 16384)
+    ids, mask = ids[:1, :8], mask[:1, :8]  # logits of 8 positions: 0.5 MB
+    monkeypatch.setattr(layerwise.RowBlocks, "ROWS", 1024)  # blocks of 0.5 MB
+    float32_matrix = 16384 * 128 * 4
+
+    reference, _ = load_model(out)
+    swaps = [(p, dequantized(m)) for p, m in reference.named_modules()
+             if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))]
+    reference.update_modules(tree_unflatten(swaps))
+    reference.update(tree_map(lambda p: p.astype(mx.float32), reference.parameters()))
+    expected = np.array(reference(mx.array(ids)))
+    del reference, swaps
+
+    model, _ = load_model(out, lazy=True)
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    result = layerwise.run(model, ids, mask)
+    assert mx.get_peak_memory() < float32_matrix * bound
+    np.testing.assert_allclose(result.logits, expected, rtol=1e-5, atol=1e-5)
