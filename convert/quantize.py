@@ -9,7 +9,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 import mlx_arch
-from mlx_arch.base import source_dtype
+from mlx_arch.core.base import source_dtype
 
 from .errors import ConvertError
 from .plan import RECIPES, ConvertPlan

@@ -82,7 +82,7 @@ def output_config(config: dict, dtype: str, quantization=None) -> dict:
     out["torch_dtype" if "torch_dtype" in config else "dtype"] = dtype
     params = config.get("rope_parameters")
     if isinstance(params, dict) and "rope_theta" not in config:
-        from mlx_arch.base import rope_config, rope_scaling
+        from mlx_arch.core.base import rope_config, rope_scaling
 
         rope = rope_config(config)
         if "rope_theta" in rope:

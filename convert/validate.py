@@ -15,7 +15,7 @@ from typing import Callable, Optional
 
 import mlx.core as mx
 import numpy as np
-from mlx_arch.base import source_dtype
+from mlx_arch.core.base import source_dtype
 
 from .layerwise import rel_error
 

@@ -7,15 +7,19 @@ share code with another module. Each module defines `ModelArgs` and `Model`.
 import importlib
 import json
 import pkgutil
+import sys
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 
+from .core import cache
+
 ALIASES = {"mistral": "llama", "ministral": "llama"}
 
-# Shared building blocks, not architectures.
-_SHARED = {"base", "cache", "rope", "layers", "weights"}
+# `mlx_arch.cache.make_prompt_cache(model)` is the public path of the caches (as in mlx-lm); the module lives in
+# `core/` with the other shared blocks, so that every module directly in this package is a model type.
+sys.modules[f"{__name__}.cache"] = cache
 
 
 class UnsupportedArchitecture(ValueError):
@@ -24,7 +28,7 @@ class UnsupportedArchitecture(ValueError):
 
 def architecture_modules() -> list:
     """Names of every architecture module in this package."""
-    return sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name not in _SHARED and not m.name.startswith("_"))
+    return sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.ispkg and not m.name.startswith("_"))
 
 
 def supported_model_types() -> list:

@@ -9,8 +9,8 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from .base import BaseModelArgs
-from .layers import MLP, Attention, Backbone, CausalLM, ResidualBlock, layer_norm, make_rope
+from .core.base import BaseModelArgs
+from .core.layers import MLP, Attention, Backbone, CausalLM, ResidualBlock, layer_norm, make_rope
 
 
 @dataclass

@@ -7,8 +7,8 @@ from typing import Optional
 
 import mlx.nn as nn
 
-from .base import BaseModelArgs
-from .layers import MLP, Attention, Backbone, CausalLM, DecoderLayer, make_rope, rms_norm
+from .core.base import BaseModelArgs
+from .core.layers import MLP, Attention, Backbone, CausalLM, DecoderLayer, make_rope, rms_norm
 
 
 @dataclass

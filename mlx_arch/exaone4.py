@@ -8,8 +8,8 @@ from typing import Optional, Union
 
 import mlx.nn as nn
 
-from .base import BaseModelArgs
-from .layers import MLP, Attention, Backbone, CausalLM, PostNormDecoderLayer, make_rope, rms_norm, sliding_period
+from .core.base import BaseModelArgs
+from .core.layers import MLP, Attention, Backbone, CausalLM, PostNormDecoderLayer, make_rope, rms_norm, sliding_period
 
 
 @dataclass

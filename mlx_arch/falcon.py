@@ -12,8 +12,8 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from .base import BaseModelArgs, create_causal_mask
-from .layers import CausalLM, DenseMLP, FusedQKVAttention, NamedBackbone, ResidualBlock, layer_norm, make_rope
+from .core.base import BaseModelArgs, create_causal_mask
+from .core.layers import CausalLM, DenseMLP, FusedQKVAttention, NamedBackbone, ResidualBlock, layer_norm, make_rope
 
 
 @dataclass

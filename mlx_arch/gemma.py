@@ -6,8 +6,8 @@ from typing import Optional
 
 import mlx.nn as nn
 
-from .base import BaseModelArgs
-from .layers import MLP, Attention, Backbone, CausalLM, DecoderLayer, OffsetRMSNorm, make_rope
+from .core.base import BaseModelArgs
+from .core.layers import MLP, Attention, Backbone, CausalLM, DecoderLayer, OffsetRMSNorm, make_rope
 
 
 @dataclass

@@ -8,9 +8,9 @@ from typing import Optional
 
 import mlx.nn as nn
 
-from .base import BaseModelArgs
+from .core.base import BaseModelArgs
 from .gemma import offset_rms_norm, refuse_bidirectional
-from .layers import MLP, Attention, Backbone, CausalLM, PostNormDecoderLayer, make_rope
+from .core.layers import MLP, Attention, Backbone, CausalLM, PostNormDecoderLayer, make_rope
 
 
 @dataclass

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 from . import gemma2
-from .base import rope_config, rope_scaling
-from .layers import Attention, OffsetRMSNorm, make_rope, sliding_period
+from .core.base import rope_config, rope_scaling
+from .core.layers import Attention, OffsetRMSNorm, make_rope, sliding_period
 
 
 @dataclass

@@ -9,8 +9,8 @@ from typing import Callable, Optional
 
 import mlx.nn as nn
 
-from .base import BaseModelArgs
-from .layers import Attention, Backbone, CausalLM, FusedGateUpMLP, make_rope, rms_norm
+from .core.base import BaseModelArgs
+from .core.layers import Attention, Backbone, CausalLM, FusedGateUpMLP, make_rope, rms_norm
 
 
 @dataclass

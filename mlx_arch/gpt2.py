@@ -10,9 +10,9 @@ from typing import Optional
 
 import mlx.nn as nn
 
-from .base import BaseModelArgs
-from .layers import CausalLM, DenseMLP, FusedQKVAttention, NamedBackbone, ResidualBlock, add_positions, layer_norm
-from .weights import rename, rename_with
+from .core.base import BaseModelArgs
+from .core.layers import CausalLM, DenseMLP, FusedQKVAttention, NamedBackbone, ResidualBlock, add_positions, layer_norm
+from .core.weights import rename, rename_with
 
 
 @dataclass

@@ -5,7 +5,7 @@ transformers' own `transformer.` names (as mlx-lm's gpt_bigcode does)."""
 from dataclasses import dataclass
 
 from . import gpt2
-from .layers import CausalLM, FusedQKVAttention
+from .core.layers import CausalLM, FusedQKVAttention
 
 
 @dataclass

@@ -10,9 +10,9 @@ from typing import Optional
 
 import mlx.nn as nn
 
-from .base import BaseModelArgs
-from .layers import CausalLM, DenseMLP, FusedQKVAttention, NamedBackbone, ResidualBlock, layer_norm, make_rope
-from .weights import drop, rename
+from .core.base import BaseModelArgs
+from .core.layers import CausalLM, DenseMLP, FusedQKVAttention, NamedBackbone, ResidualBlock, layer_norm, make_rope
+from .core.weights import drop, rename
 
 # transformers-4 names that GPTNeoXConfig still reads (rope_scaling / rope_parameters entries take precedence).
 _RENAMED = {"rotary_emb_base": "rope_theta", "rotary_pct": "partial_rotary_factor"}

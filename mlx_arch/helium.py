@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from . import llama
-from .layers import Attention, make_rope
+from .core.layers import Attention, make_rope
 
 
 @dataclass

@@ -9,8 +9,8 @@ from typing import Optional
 import mlx.nn as nn
 
 from . import llama
-from .base import rope_config, rope_scaling
-from .layers import Attention
+from .core.base import rope_config, rope_scaling
+from .core.layers import Attention
 
 
 @dataclass

@@ -7,8 +7,8 @@ not have but which Llama-shaped checkpoints of other families (and mlx-lm's llam
 from dataclasses import dataclass
 from typing import Optional
 
-from .base import BaseModelArgs
-from .layers import MLP, Attention, Backbone, CausalLM, DecoderLayer, default_head_dim, layer_windows, make_rope, rms_norm
+from .core.base import BaseModelArgs
+from .core.layers import MLP, Attention, Backbone, CausalLM, DecoderLayer, default_head_dim, layer_windows, make_rope, rms_norm
 
 import mlx.nn as nn
 

@@ -8,8 +8,8 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from .base import BaseModelArgs
-from .layers import Attention, Backbone, CausalLM, DecoderLayer, DenseMLP, make_rope
+from .core.base import BaseModelArgs
+from .core.layers import Attention, Backbone, CausalLM, DecoderLayer, DenseMLP, make_rope
 
 
 @dataclass

@@ -11,8 +11,8 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from .base import BaseModelArgs
-from .layers import MLP, Attention, Backbone, CausalLM, DecoderLayer, make_rope
+from .core.base import BaseModelArgs
+from .core.layers import MLP, Attention, Backbone, CausalLM, DecoderLayer, make_rope
 
 
 @dataclass

@@ -8,7 +8,7 @@ from typing import Optional
 import mlx.nn as nn
 
 from . import olmo
-from .layers import MLP, Attention, Backbone, CausalLM, PostNormDecoderLayer, make_rope, rms_norm
+from .core.layers import MLP, Attention, Backbone, CausalLM, PostNormDecoderLayer, make_rope, rms_norm
 
 
 @dataclass

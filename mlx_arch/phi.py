@@ -8,9 +8,9 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from .base import BaseModelArgs
-from .layers import Attention, CausalLM, DenseMLP, NamedBackbone, ResidualBlock, layer_norm, make_rope
-from .weights import tie_head
+from .core.base import BaseModelArgs
+from .core.layers import Attention, CausalLM, DenseMLP, NamedBackbone, ResidualBlock, layer_norm, make_rope
+from .core.weights import tie_head
 
 
 @dataclass

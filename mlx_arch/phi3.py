@@ -9,8 +9,8 @@ from typing import Optional
 
 import mlx.nn as nn
 
-from .base import BaseModelArgs
-from .layers import Backbone, CausalLM, DecoderLayer, FusedGateUpMLP, FusedQKVAttention, make_rope, rms_norm
+from .core.base import BaseModelArgs
+from .core.layers import Backbone, CausalLM, DecoderLayer, FusedGateUpMLP, FusedQKVAttention, make_rope, rms_norm
 
 
 @dataclass

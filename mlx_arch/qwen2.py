@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from . import llama
-from .layers import Attention
+from .core.layers import Attention
 
 
 @dataclass

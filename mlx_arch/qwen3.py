@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import mlx.nn as nn
 
 from . import qwen2
-from .layers import Attention
+from .core.layers import Attention
 
 
 @dataclass

@@ -8,8 +8,8 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from .base import BaseModelArgs
-from .layers import MLP, Attention, Backbone, CausalLM, DecoderLayer, ResidualBlock, layer_norm, make_rope
+from .core.base import BaseModelArgs
+from .core.layers import MLP, Attention, Backbone, CausalLM, DecoderLayer, ResidualBlock, layer_norm, make_rope
 
 
 @dataclass

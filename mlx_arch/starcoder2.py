@@ -7,8 +7,8 @@ from typing import Optional
 
 import mlx.nn as nn
 
-from .base import BaseModelArgs
-from .layers import Attention, Backbone, CausalLM, DecoderLayer, DenseMLP, layer_norm, make_rope
+from .core.base import BaseModelArgs
+from .core.layers import Attention, Backbone, CausalLM, DecoderLayer, DenseMLP, layer_norm, make_rope
 
 
 @dataclass

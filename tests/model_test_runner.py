@@ -10,7 +10,7 @@ import torch
 from mlx.utils import tree_flatten, tree_map
 
 import mlx_arch
-from mlx_arch.cache import make_prompt_cache
+from mlx_arch.core.cache import make_prompt_cache
 from checkpoints import load_reference, make_checkpoint
 
 CASES = json.loads((Path(__file__).parent / "data" / "model_configs.json").read_text())["cases"]

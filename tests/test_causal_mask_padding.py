@@ -4,7 +4,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_arch.base import create_causal_mask
+from mlx_arch.core.base import create_causal_mask
 
 
 def expected_mask(N, offset, window=None, left=0, right=0):

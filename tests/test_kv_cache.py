@@ -7,7 +7,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_arch.cache import (
+from mlx_arch.core.cache import (
     KVCache,
     QuantizedKVCache,
     RotatingKVCache,

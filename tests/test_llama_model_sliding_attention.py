@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from checkpoints import make_checkpoint
-from mlx_arch.cache import KVCache, RotatingKVCache, make_prompt_cache
+from mlx_arch.core.cache import KVCache, RotatingKVCache, make_prompt_cache
 from model_test_runner import check_cache_vs_full, check_parity, load_hf_folder, probe_tokens
 
 LAYER_TYPES = ["sliding_attention", "full_attention", "sliding_attention"]

@@ -4,7 +4,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_arch.base import create_attention_mask, create_causal_mask
+from mlx_arch.core.base import create_attention_mask, create_causal_mask
 from test_causal_mask_padding import expected_mask
 
 
@@ -28,7 +28,7 @@ def test_attention_mask_without_cache():
 
 
 def test_attention_mask_from_cache_offsets():
-    from mlx_arch.cache import KVCache
+    from mlx_arch.core.cache import KVCache
 
     cache = KVCache()
     cache.update_and_fetch(mx.zeros((1, 1, 5, 4)), mx.zeros((1, 1, 5, 4)))

@@ -4,7 +4,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_arch.base import scaled_dot_product_attention
+from mlx_arch.core.base import scaled_dot_product_attention
 
 
 class _QuantCache:
@@ -84,7 +84,7 @@ def test_decode_through_a_quantized_kv_cache(tmp_path, model_type, overrides):
     """A model decoding through 8-bit KV caches stays close to its full forward pass (gemma2: soft-capped scores
     on the quantized path)."""
     from model_test_runner import build_case, probe_tokens, rel_error
-    from mlx_arch.cache import KVCache, QuantizedKVCache, make_prompt_cache
+    from mlx_arch.core.cache import KVCache, QuantizedKVCache, make_prompt_cache
 
     _, model, config, _ = build_case(tmp_path, {"id": model_type, "model_type": model_type, "overrides": overrides},
                                      "v5")

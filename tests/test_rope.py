@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from mlx_arch.rope import initialize_rope
+from mlx_arch.core.rope import initialize_rope
 
 HEAD_DIM = 32
 MAX_POS = 32  # max_position_embeddings; the scaled variants use original_max_position_embeddings = 16

@@ -9,7 +9,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_arch.cache import RotatingKVCache
+from mlx_arch.core.cache import RotatingKVCache
 
 B, H, D = 2, 2, 8
 MAX_SIZE = 8

@@ -34,7 +34,7 @@ def prompt_ids(source):
 
 
 def greedy_mlx(model, ids, steps):
-    from mlx_arch.cache import make_prompt_cache
+    from mlx_arch.core.cache import make_prompt_cache
 
     cache = make_prompt_cache(model)
     logits = model(mx.array([ids]), cache=cache)

@@ -114,7 +114,7 @@ def test_float16_overflow_is_refused_by_layer(tmp_path):
 
 
 def test_broken_cache_is_caught(source, tmp_path, monkeypatch):
-    from mlx_arch.cache import KVCache
+    from mlx_arch.core.cache import KVCache
 
     out = write_mlx_folder(source, tmp_path / "cache")
     monkeypatch.setattr(KVCache, "make_mask", lambda self, N, window_size=None: None)  # prefill sees the future
