@@ -1,30 +1,37 @@
-"""Llama, mirroring transformers/models/llama/modeling_llama.py.
+"""Llama, mirroring transformers/models/llama/modeling_llama.py, and the parent of every llama-shaped family.
 
 Also covers per-layer sliding-window attention (`layer_types` + `sliding_window`), which transformers' llama does
 not have but which Llama-shaped checkpoints of other families (and mlx-lm's llama) use.
+
+Families that differ from llama in a part override one hook: `norm()`, `rope()`, `attention(index, kind)`,
+`mlp(index)` or `layer(index, kind)`.
 """
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Optional
 
-from .core.base import BaseModelArgs
-from .core.layers import MLP, Attention, Backbone, CausalLM, DecoderLayer, default_head_dim, layer_windows, make_rope, rms_norm
-
 import mlx.nn as nn
+
+from .core.base import BaseModelArgs
+from .core.kinds import LayerKind
+from .core.layers import MLP, Attention, CausalLM, DecoderLayer, default_head_dim, make_rope
 
 
 @dataclass
 class ModelArgs(BaseModelArgs):
-    model_type: str
-    hidden_size: int
-    num_hidden_layers: int
-    intermediate_size: int
-    num_attention_heads: int
-    vocab_size: int
-    rms_norm_eps: float = 1e-6
+    """LlamaConfig's fields and defaults; subclasses change defaults and add their own fields."""
+
+    model_type: str = "llama"
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
     num_key_value_heads: Optional[int] = None
     head_dim: Optional[int] = None
-    max_position_embeddings: Optional[int] = None
+    max_position_embeddings: Optional[int] = 2048
+    rms_norm_eps: float = 1e-6
     attention_bias: bool = False
     mlp_bias: bool = False
     hidden_act: str = "silu"
@@ -41,21 +48,26 @@ class ModelArgs(BaseModelArgs):
 
 
 class Model(CausalLM):
-    def __init__(self, args: ModelArgs):
-        super().__init__(args)
-        norm = rms_norm(args.hidden_size, args.rms_norm_eps)
-        rope = make_rope(args.head_dim, args.rope_theta, args.rope_scaling, args.partial_rotary_factor,
-                         args.max_position_embeddings)
-        layers = [
-            DecoderLayer(self.attention(args, rope),
-                         MLP(args.hidden_size, args.intermediate_size, args.hidden_act, args.mlp_bias), norm, window)
-            for window in layer_windows(args, args.num_hidden_layers)
-        ]
-        self.model = Backbone(args.vocab_size, args.hidden_size, layers, norm())
-        if not args.tie_word_embeddings:
-            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+    rope_traditional = False  # rotate interleaved pairs (GLM, Cohere, ERNIE) instead of halves
 
-    def attention(self, args: ModelArgs, rope) -> Attention:
-        """The attention block; families that differ only here (biases, q/k norms) override this."""
-        return Attention(args.hidden_size, args.num_attention_heads, args.num_key_value_heads, args.head_dim,
-                         rope, qkv_bias=args.attention_bias, o_bias=args.attention_bias)
+    def norm(self) -> nn.Module:
+        return nn.RMSNorm(self.args.hidden_size, eps=self.args.rms_norm_eps)
+
+    @cached_property
+    def rope(self):
+        """One RoPE module shared by every layer."""
+        a = self.args
+        return make_rope(a.head_dim, a.rope_theta, a.rope_scaling, a.partial_rotary_factor, a.max_position_embeddings,
+                         traditional=self.rope_traditional)
+
+    def attention(self, index: int, kind: LayerKind) -> nn.Module:
+        a = self.args
+        return Attention(a.hidden_size, a.num_attention_heads, a.num_key_value_heads, a.head_dim, self.rope,
+                         qkv_bias=a.attention_bias, o_bias=a.attention_bias)
+
+    def mlp(self, index: int) -> nn.Module:
+        a = self.args
+        return MLP(a.hidden_size, a.intermediate_size, a.hidden_act, a.mlp_bias)
+
+    def layer(self, index: int, kind: LayerKind) -> nn.Module:
+        return DecoderLayer(self.attention(index, kind), self.mlp(index), self.norm, kind)

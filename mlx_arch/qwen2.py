@@ -27,6 +27,7 @@ class ModelArgs(llama.ModelArgs):
 
 
 class Model(llama.Model):
-    def attention(self, args: ModelArgs, rope) -> Attention:
-        return Attention(args.hidden_size, args.num_attention_heads, args.num_key_value_heads, args.head_dim,
-                         rope, qkv_bias=True, o_bias=False)
+    def attention(self, index: int, kind) -> Attention:
+        a = self.args
+        return Attention(a.hidden_size, a.num_attention_heads, a.num_key_value_heads, a.head_dim, self.rope,
+                         qkv_bias=True, o_bias=False)

@@ -15,7 +15,8 @@ class ModelArgs(qwen2.ModelArgs):
 
 
 class Model(qwen2.Model):
-    def attention(self, args: ModelArgs, rope) -> Attention:
-        return Attention(args.hidden_size, args.num_attention_heads, args.num_key_value_heads, args.head_dim,
-                         rope, qkv_bias=args.attention_bias, o_bias=args.attention_bias,
-                         qk_norm=lambda dims: nn.RMSNorm(dims, eps=args.rms_norm_eps))
+    def attention(self, index: int, kind) -> Attention:
+        a = self.args
+        return Attention(a.hidden_size, a.num_attention_heads, a.num_key_value_heads, a.head_dim, self.rope,
+                         qkv_bias=a.attention_bias, o_bias=a.attention_bias,
+                         qk_norm=lambda dims: nn.RMSNorm(dims, eps=a.rms_norm_eps))

@@ -9,8 +9,8 @@ from typing import Callable, Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from .base import create_attention_mask, scaled_dot_product_attention
-from .cache import KVCache, RotatingKVCache
+from .base import scaled_dot_product_attention
+from .kinds import FULL, KindedLayer, LayerKind, cache_offset, layer_kinds
 from .rope import initialize_rope
 
 ACTIVATIONS = {
@@ -133,32 +133,32 @@ class FusedGateUpMLP(nn.Module):
         return self.down_proj(self.act(gate) * up)
 
 
-class DecoderLayer(nn.Module):
-    """Pre-norm block: h + attn(norm(h)), then h + mlp(norm(h)). `window` is the sliding window or None."""
+class DecoderLayer(KindedLayer, nn.Module):
+    """Pre-norm block: h + attn(norm(h)), then h + mlp(norm(h))."""
 
-    def __init__(self, attn: nn.Module, mlp: nn.Module, norm: Callable[[], nn.Module], window=None):
+    def __init__(self, attn: nn.Module, mlp: nn.Module, norm: Callable[[], nn.Module], kind: LayerKind = FULL):
         super().__init__()
         self.self_attn = attn
         self.mlp = mlp
         self.input_layernorm = norm()
         self.post_attention_layernorm = norm()
-        self.window = window
+        self.kind = kind
 
     def __call__(self, x, mask=None, cache=None):
         h = x + self.self_attn(self.input_layernorm(x), mask, cache)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
-class PostNormDecoderLayer(nn.Module):
+class PostNormDecoderLayer(KindedLayer, nn.Module):
     """Block that norms each sublayer's output before the residual add (gemma2/3 "sandwich", olmo2, exaone4):
     h = x + post_attention_layernorm(attn(a)); out = h + post_feedforward_layernorm(mlp(m)).
 
     With `pre_norms`, a = input_layernorm(x) and m = pre_feedforward_layernorm(h) (gemma2/3); without, the
-    sublayers read the residual stream itself (olmo2, exaone4). `window` is the sliding window or None.
+    sublayers read the residual stream itself (olmo2, exaone4).
     """
 
     def __init__(self, attn: nn.Module, mlp: nn.Module, norm: Callable[[], nn.Module], pre_norms: bool = True,
-                 window=None):
+                 kind: LayerKind = FULL):
         super().__init__()
         self.self_attn = attn
         self.mlp = mlp
@@ -167,7 +167,7 @@ class PostNormDecoderLayer(nn.Module):
             self.pre_feedforward_layernorm = norm()
         self.post_attention_layernorm = norm()
         self.post_feedforward_layernorm = norm()
-        self.pre_norms, self.window = pre_norms, window
+        self.pre_norms, self.kind = pre_norms, kind
 
     def __call__(self, x, mask=None, cache=None):
         a = self.input_layernorm(x) if self.pre_norms else x
@@ -187,10 +187,15 @@ class Backbone(nn.Module):
 
 
 class CausalLM(nn.Module):
-    """A decoder-only language model. Subclasses build `self.model` (a Backbone) and maybe `self.lm_head`.
+    """A decoder-only language model: the one scaffold every family builds on.
+
+    The scaffold asks the family for its layer kinds (`layer_kinds()`) and one decoder layer per index
+    (`layer(i, kind)`), wraps them in `backbone(layers)` (token embeddings, layers, final norm) and adds an untied
+    `lm_head`. Families override only the hooks where they differ.
 
     The forward pass is split into `embed`, per-layer calls and `head` so that validation can run the model one
-    layer at a time and compare hidden states with the reference.
+    layer at a time and compare hidden states with the reference. Positions are an explicit `offset` (the number
+    of tokens already in the cache), never read from a particular layer's cache.
     """
 
     embed_scale: float = 1.0
@@ -201,24 +206,50 @@ class CausalLM(nn.Module):
         super().__init__()
         self.args = args
         self.model_type = args.model_type
+        kinds = self.layer_kinds()
+        self.model = self.backbone([self.layer(i, kind) for i, kind in enumerate(kinds)])
+        if not self.args.tie_word_embeddings:
+            self.lm_head = self.output_head()
 
+    # --- construction hooks ------------------------------------------------------------------------------------
+    def layer_kinds(self) -> list:
+        """One LayerKind per decoder layer (from `layer_types` and `sliding_window` by default)."""
+        args = self.args
+        return layer_kinds(getattr(args, "layer_types", None), args.num_hidden_layers,
+                           getattr(args, "sliding_window", None))
+
+    def layer(self, index: int, kind: LayerKind) -> nn.Module:
+        raise NotImplementedError(f"{type(self).__name__} must define layer(index, kind)")
+
+    def norm(self) -> nn.Module:
+        """A new instance of the family's normalisation layer."""
+        raise NotImplementedError(f"{type(self).__name__} must define norm()")
+
+    def backbone(self, layers: list) -> nn.Module:
+        return Backbone(self.args.vocab_size, self.args.hidden_size, layers, self.norm())
+
+    def output_head(self) -> nn.Module:
+        return nn.Linear(self.args.hidden_size, self.args.vocab_size, bias=False)
+
+    # --- forward -----------------------------------------------------------------------------------------------
     @property
     def layers(self):
         return self.model.layers
 
-    def embed(self, inputs, cache=None):
+    def embed(self, inputs, offset: int = 0):
         h = self.model.embed_tokens(inputs)
         return h * mx.array(self.embed_scale, dtype=h.dtype) if self.embed_scale != 1.0 else h
 
-    def masks(self, h, cache=None):
-        """One mask per layer (layers with the same window share one)."""
-        cache = cache or [None] * len(self.layers)
+    def masks(self, h, cache=None, offset: int = 0, kinds=None):
+        """One mask per layer, built per (kind, cache): layers of one kind without caches share one mask."""
+        kinds = kinds if kinds is not None else [layer.kind for layer in self.layers]
+        cache = cache or [None] * len(kinds)
         built = {}
         out = []
-        for layer, c in zip(self.layers, cache):
-            key = (layer.window, id(c) if c is not None and layer.window else None)
+        for kind, c in zip(kinds, cache):
+            key = (kind, id(c) if c is not None and kind.window else None)
             if key not in built:
-                built[key] = create_attention_mask(h, c, window_size=layer.window)
+                built[key] = kind.mask(h, c)
             out.append(built[key])
         return out
 
@@ -235,41 +266,35 @@ class CausalLM(nn.Module):
         return logits
 
     def __call__(self, inputs, cache=None):
-        h = self.embed(inputs, cache)
+        offset = cache_offset(cache)
+        h = self.embed(inputs, offset)
         cache = cache if cache is not None else [None] * len(self.layers)
-        for layer, mask, c in zip(self.layers, self.masks(h, cache), cache):
+        for layer, mask, c in zip(self.layers, self.masks(h, cache, offset), cache):
             h = layer(h, mask, c)
         return self.head(h)
 
+    def make_cache(self):
+        return [layer.make_cache() for layer in self.layers]
+
+    # --- conversion hooks --------------------------------------------------------------------------------------
     def export_config(self, config: dict) -> dict:
         """The config.json to publish; families add the keys mlx-lm reads but transformers 5 no longer writes."""
         return config
 
-    def make_cache(self):
-        return [RotatingKVCache(layer.window) if layer.window else KVCache() for layer in self.layers]
+    def weight_rules(self) -> list:
+        """The weight-layout operations (mlx_arch.core.weights) from checkpoint names to this module tree, in order;
+        families extend the list. `sanitize` applies them; `inverse(rules)` maps our weights back."""
+        from .weights import Drop
 
-    # Weight-layout operations (mlx_arch.weights) applied by sanitize; subclasses extend the list.
-    def weight_rules(self):
-        from .weights import drop, tie_head
-
-        rules = [drop(r"(^|\.)rotary_emb\.inv_freq$", r"\.attn\.masked_bias$", r"\.attn\.bias$")]
+        rules = [Drop("{*}rotary_emb.inv_freq", "{*}.attn.masked_bias", "{*}.attn.bias", why="buffers")]
         if getattr(self.args, "tie_word_embeddings", False):
-            rules.append(tie_head())
+            rules.append(Drop("lm_head.weight", why="tied to the embeddings"))
         return rules
 
     def sanitize(self, weights: dict) -> dict:
         from .weights import apply_rules
 
         return apply_rules(weights, self.weight_rules())
-
-
-def layer_windows(args, n_layers: int) -> list:
-    """The sliding window of each layer (None = full attention) from `layer_types` / `sliding_window`."""
-    window = getattr(args, "sliding_window", None)
-    types = getattr(args, "layer_types", None)
-    if types:
-        return [window if t == "sliding_attention" else None for t in types[:n_layers]]
-    return [window] * n_layers
 
 
 def sliding_period(layer_types: list) -> Optional[int]:
@@ -297,9 +322,8 @@ def layer_norm(dims: int, eps: float, bias: bool = True):
     return lambda: nn.LayerNorm(dims, eps=eps, bias=bias)
 
 
-def add_positions(h, table: nn.Embedding, cache=None):
+def add_positions(h, table: nn.Embedding, offset: int = 0):
     """h plus learned absolute position embeddings (GPT-2's `wpe`) for positions offset .. offset + L - 1."""
-    offset = cache[0].offset if cache and cache[0] is not None else 0
     return h + table(mx.arange(offset, offset + h.shape[1]))
 
 
@@ -361,7 +385,7 @@ class FusedQKVAttention(nn.Module):
         return self[self.out_name](self.attend(*self.project(x), mask, cache))
 
 
-class ResidualBlock(nn.Module):
+class ResidualBlock(KindedLayer, nn.Module):
     """Pre-norm decoder block under the checkpoint's module names (`ln_1`/`attn`/`ln_2`/`mlp` in GPT-2, ...).
 
     `norms` names the attention norm and the MLP norm; a single name means the attention norm's output feeds the
@@ -371,7 +395,7 @@ class ResidualBlock(nn.Module):
 
     def __init__(self, attn: nn.Module, mlp: nn.Module, norm: Callable[[], nn.Module],
                  norms=("input_layernorm", "post_attention_layernorm"), parallel: bool = False,
-                 names=("self_attn", "mlp"), window=None):
+                 names=("self_attn", "mlp"), kind: LayerKind = FULL):
         super().__init__()
         if len(norms) == 1 and not parallel:
             raise ValueError("a sequential block needs a norm for attention and one for the MLP")
@@ -380,7 +404,7 @@ class ResidualBlock(nn.Module):
         self[self.attn_name], self[self.mlp_name] = attn, mlp
         for name in norms:
             self[name] = norm()
-        self.parallel, self.window = parallel, window
+        self.parallel, self.kind = parallel, kind
 
     def __call__(self, x, mask=None, cache=None):
         h = self[self.norm1](x)

@@ -1,86 +1,335 @@
-"""Named weight-layout operations that architectures declare as data in `weight_rules()`.
+"""Weight-layout operations, declared as data by each family in `weight_rules()`.
 
-Each operation maps a flat {name: array} dict to a new one and is idempotent: running `sanitize` on weights that
-were already sanitized (mlx-lm does this on every load) changes nothing.
+Each operation is a small object with `apply(weights)` (checkpoint layout -> our module tree) and `inverse()` (the
+operation that undoes it), so that `inverse(rules)` maps converted weights back to the checkpoint's names and
+layouts: the gate loads the weights an output actually holds into the transformers reference this way.
+
+Keys are matched by templates, never by free regexes: literal text plus placeholders
+  `{i}`, `{e}`  a decimal index (layer, expert), the same value on both sides of an operation;
+  `{*}`         any dotted prefix, possibly empty (drops only).
+Every `apply` is idempotent: running `sanitize` on weights that were already sanitized (every load of a converted
+folder does) changes nothing, because an operation only matches keys in the layout it converts from.
+
+Operations:
+  Rename      literal prefixes, one longest-match pass, checked one-to-one when built.
+  Alias       other spellings of a checkpoint prefix (old exports) -> the canonical one; the inverse writes the
+              canonical spelling.
+  Transpose   declared keys, never guessed from shapes (a square matrix is ambiguous).
+  Split / Concat, Stack / Unstack   fused tensors and per-expert tensors, with sizes from the config.
+  Drop        declared lossy: buffers and tied heads; `inverse` cannot bring them back, `dropped(key)` says so.
 """
 
 import re
-from typing import Callable, Dict, Iterable
+from typing import Dict, Iterable, List, Optional, Sequence
 
 import mlx.core as mx
 
 Weights = Dict[str, mx.array]
-Rule = Callable[[Weights], Weights]
+
+_PLACEHOLDER = re.compile(r"\{(i|e|\*)\}")
 
 
-def apply_rules(weights: Weights, rules: Iterable[Rule]) -> Weights:
+def template(pattern: str) -> re.Pattern:
+    """The anchored regex of a key template."""
+    parts, pos = [], 0
+    for m in _PLACEHOLDER.finditer(pattern):
+        parts.append(re.escape(pattern[pos : m.start()]))
+        name = m.group(1)
+        parts.append(r"(?:.+\.)?" if name == "*" else rf"(?P<{name}>\d+)")
+        pos = m.end()
+    parts.append(re.escape(pattern[pos:]))
+    return re.compile("^" + "".join(parts) + "$")
+
+
+def fill(pattern: str, **values) -> str:
+    for name, value in values.items():
+        pattern = pattern.replace("{" + name + "}", str(value))
+    return pattern
+
+
+class Op:
+    """One weight-layout operation."""
+
+    lossy = False
+
+    def apply(self, w: Weights) -> Weights:
+        raise NotImplementedError
+
+    def inverse(self) -> "Op":
+        raise NotImplementedError
+
+    def dropped(self, key: str) -> bool:
+        """Whether `apply` discards this checkpoint key (declared lossy operations only)."""
+        return False
+
+
+def apply_rules(weights: Weights, rules: Iterable[Op]) -> Weights:
     for rule in rules:
-        weights = rule(weights)
+        weights = rule.apply(weights)
     return weights
 
 
-def drop(*patterns: str) -> Rule:
-    """Drop keys matching any regex (buffers such as rotary inv_freq or causal-mask biases)."""
-    regex = re.compile("|".join(f"(?:{p})" for p in patterns))
-    return lambda w: {k: v for k, v in w.items() if not regex.search(k)}
+def inverse(rules: Sequence[Op]) -> List[Op]:
+    """The operations that undo `rules`: the reversed list of their inverses."""
+    return [rule.inverse() for rule in reversed(list(rules))]
 
 
-def tie_head(head: str = "lm_head.") -> Rule:
-    """Drop the output head of a tied-embedding model: the embedding serves as the head."""
-    return lambda w: {k: v for k, v in w.items() if not k.startswith(head)}
+def dropped(rules: Sequence[Op], key: str) -> bool:
+    """Whether the rules discard this checkpoint key (so that no inverse can give it back)."""
+    return any(rule.dropped(key) for rule in rules)
 
 
-def rename(pattern: str, replacement: str) -> Rule:
-    """Rename keys by regex substitution (anchor the pattern so a second run does not match again)."""
-    regex = re.compile(pattern)
-    return lambda w: {regex.sub(replacement, k): v for k, v in w.items()}
+class Identity(Op):
+    def apply(self, w):
+        return w
+
+    def inverse(self):
+        return self
 
 
-def transpose(pattern: str, expected_shapes: Callable[[str], tuple]) -> Rule:
-    """Transpose 2-D weights matching `pattern` (Conv1D stores (in, out)) unless already in module layout."""
-    regex = re.compile(pattern)
+class Rename(Op):
+    """Rename keys by literal prefixes, longest match first, in one pass.
 
-    def rule(w):
+    Built only if one-to-one: two prefixes may not produce the same key, and no produced key may match a prefix
+    again (so a second run changes nothing). Two spellings of one input go through `Alias`, never here.
+    """
+
+    def __init__(self, table: Dict[str, str]):
+        self.table = dict(table)
+        _check_one_to_one(self.table)
+        _check_one_to_one({v: k for k, v in self.table.items()})
+        for target in self.table.values():
+            for source in self.table:
+                if target.startswith(source):
+                    raise ValueError(f"rename target {target!r} starts with source prefix {source!r}: a second run "
+                                     "would rename it again")
+        self._order = sorted(self.table, key=len, reverse=True)
+
+    def rename(self, key: str) -> str:
+        for prefix in self._order:
+            if key.startswith(prefix):
+                return self.table[prefix] + key[len(prefix) :]
+        return key
+
+    def apply(self, w):
         out = {}
         for k, v in w.items():
-            if regex.search(k) and v.ndim == 2 and tuple(v.shape) != tuple(expected_shapes(k)):
-                v = v.T
-            out[k] = v
+            new = self.rename(k)
+            if new in out:
+                raise ValueError(f"two checkpoint keys map to {new!r}")
+            out[new] = v
         return out
 
-    return rule
+    def inverse(self):
+        return Rename({v: k for k, v in self.table.items()})
 
 
-def split(pattern: str, targets: list, sizes: Callable[[str], list], axis: int = 0) -> Rule:
-    """Split a fused tensor (e.g. `qkv_proj.weight`) into named parts along `axis`.
+def _check_one_to_one(table: Dict[str, str]):
+    """Two nested prefixes s1 < s2 = s1 + r must map to t2 = t1 + r, or a key s1 + r + x would not come back."""
+    if len(set(table.values())) != len(table):
+        raise ValueError(f"rename table maps two prefixes to one: {table}")
+    for s1, t1 in table.items():
+        for s2, t2 in table.items():
+            if s1 != s2 and t2.startswith(t1) and s1 + t2[len(t1) :] not in table:
+                raise ValueError(f"rename table is not one-to-one: {s1!r}->{t1!r} and {s2!r}->{t2!r} can give "
+                                 f"the same key; list {s1 + t2[len(t1):]!r} explicitly")
 
-    `targets` are replacement strings for `pattern` (one per part); `sizes(key)` gives each part's size.
-    """
-    regex = re.compile(pattern)
 
-    def rule(w):
+class Alias(Op):
+    """Other spellings of checkpoint prefixes (e.g. GPT-2's bare `h.` of the original exports) -> the canonical
+    spelling that later rules expect. The inverse keeps the canonical spelling."""
+
+    def __init__(self, table: Dict[str, str]):
+        self.rename = Rename(table)
+
+    def apply(self, w):
+        return self.rename.apply(w)
+
+    def inverse(self):
+        return Identity()
+
+
+class Transpose(Op):
+    """Swap the last two axes of the declared keys (Conv1D stores (in, out); Linear wants (out, in)).
+
+    Declare the keys in a layout that a later operation renames away, so a second run does not match again."""
+
+    def __init__(self, *patterns: str):
+        self.patterns = patterns
+        self.regexes = [template(p) for p in patterns]
+
+    def apply(self, w):
+        return {k: (v.swapaxes(-1, -2) if any(r.match(k) for r in self.regexes) else v) for k, v in w.items()}
+
+    def inverse(self):
+        return self
+
+
+class Drop(Op):
+    """Discard keys (rotary tables, causal-mask buffers, a head tied to the embeddings). Lossy by declaration."""
+
+    lossy = True
+
+    def __init__(self, *patterns: str, why: str = ""):
+        self.patterns, self.why = patterns, why
+        self.regexes = [template(p) for p in patterns]
+
+    def dropped(self, key):
+        return any(r.match(key) for r in self.regexes)
+
+    def apply(self, w):
+        return {k: v for k, v in w.items() if not self.dropped(k)}
+
+    def inverse(self):
+        return Identity()
+
+
+def _groups(w: Weights, regex: re.Pattern, exclude: str = None) -> Dict[tuple, Dict[str, str]]:
+    """Matching keys grouped by their placeholder values except `exclude`: {other values: {excluded value: key}}."""
+    groups: Dict[tuple, Dict[str, str]] = {}
+    for k in w:
+        m = regex.match(k)
+        if m:
+            values = m.groupdict()
+            inner = values.pop(exclude, None) if exclude else None
+            groups.setdefault(tuple(sorted(values.items())), {})[inner] = k
+    return groups
+
+
+class Split(Op):
+    """Split a fused tensor into parts along `axis` (`qkv_proj` -> q/k/v, `gate_up_proj` -> gate/up).
+
+    `sizes` are the parts' sizes along the axis, in `targets` order; with `interleave`, the fused axis holds
+    `interleave`-wide slices of each part in turn (per-row alternation, as some families store gate/up)."""
+
+    def __init__(self, source: str, targets: Sequence[str], sizes: Sequence[int], axis: int = 0,
+                 interleave: Optional[int] = None):
+        if len(targets) != len(sizes):
+            raise ValueError("Split needs one size per target")
+        self.source, self.targets, self.sizes, self.axis, self.interleave = source, list(targets), list(sizes), axis, interleave
+        self.regex = template(source)
+
+    def apply(self, w):
         out = {}
         for k, v in w.items():
-            if not regex.search(k):
+            m = self.regex.match(k)
+            if not m:
                 out[k] = v
                 continue
-            parts = sizes(k)
-            bounds = [sum(parts[:i]) for i in range(1, len(parts))]
-            for target, piece in zip(targets, mx.split(v, bounds, axis=axis)):
-                out[regex.sub(target, k)] = piece
+            if v.shape[self.axis] != sum(self.sizes):
+                raise ValueError(f"{k}: axis {self.axis} has {v.shape[self.axis]} entries, expected {sum(self.sizes)}")
+            for target, part in zip(self.targets, _split(v, self.sizes, self.axis, self.interleave)):
+                out[fill(target, **m.groupdict())] = part
         return out
 
-    return rule
+    def inverse(self):
+        return Concat(self.targets, self.source, self.axis, self.interleave, sizes=self.sizes)
 
 
+def _split(v, sizes, axis, interleave):
+    if interleave is None:
+        bounds = [sum(sizes[:i]) for i in range(1, len(sizes))]
+        return mx.split(v, bounds, axis=axis)
+    # Slices of `interleave` entries of each part in turn: view the axis as (blocks, parts, interleave).
+    if len(set(sizes)) != 1 or sizes[0] % interleave:
+        raise ValueError("an interleaved split needs equal parts, each a multiple of the interleave width")
+    axis = axis % v.ndim
+    shape = v.shape[:axis] + [sizes[0] // interleave, len(sizes), interleave] + v.shape[axis + 1 :]
+    blocks = v.reshape(shape)
+    return [mx.take(blocks, i, axis=axis + 1).reshape(v.shape[:axis] + [sizes[0]] + v.shape[axis + 1 :])
+            for i in range(len(sizes))]
 
-def rename_with(pattern: str, replacement: str, fn: Callable[[mx.array], mx.array]) -> Rule:
-    """Rename keys matching `pattern` and transform their values on the way (e.g. transpose Conv1D (in, out) weights
-    while moving them to module names). Anchor the pattern so renamed keys no longer match: a second run changes
-    nothing, even for square matrices whose shape cannot tell the two layouts apart."""
-    regex = re.compile(pattern)
 
-    def rule(w):
-        return {regex.sub(replacement, k): (fn(v) if regex.search(k) else v) for k, v in w.items()}
+class Concat(Op):
+    """Concatenate parts into one fused tensor along `axis` (the inverse of Split). All parts or none must be
+    present."""
 
-    return rule
+    def __init__(self, sources: Sequence[str], target: str, axis: int = 0, interleave: Optional[int] = None,
+                 sizes: Optional[Sequence[int]] = None):
+        self.sources, self.target, self.axis, self.interleave, self.sizes = list(sources), target, axis, interleave, sizes
+        self.regexes = [template(s) for s in self.sources]
+
+    def apply(self, w):
+        found: Dict[tuple, Dict[int, str]] = {}
+        for k in w:
+            for j, r in enumerate(self.regexes):
+                m = r.match(k)
+                if m:
+                    found.setdefault(tuple(sorted(m.groupdict().items())), {})[j] = k
+        out = {k: v for k, v in w.items() if not any(r.match(k) for r in self.regexes)}
+        for values, parts in found.items():
+            if len(parts) != len(self.sources):
+                missing = [fill(self.sources[j], **dict(values)) for j in range(len(self.sources)) if j not in parts]
+                raise ValueError(f"cannot build {fill(self.target, **dict(values))}: missing {', '.join(missing)}")
+            tensors = [w[parts[j]] for j in range(len(self.sources))]
+            out[fill(self.target, **dict(values))] = _concat(tensors, self.axis, self.interleave)
+        return out
+
+    def inverse(self):
+        sizes = self.sizes
+        if sizes is None:
+            raise ValueError("Concat needs the part sizes to be inverted")
+        return Split(self.target, self.sources, sizes, self.axis, self.interleave)
+
+
+def _concat(tensors, axis, interleave):
+    if interleave is None:
+        return mx.concatenate(tensors, axis=axis)
+    v = tensors[0]
+    axis = axis % v.ndim
+    blocked = [t.reshape(t.shape[:axis] + [t.shape[axis] // interleave, 1, interleave] + t.shape[axis + 1 :])
+               for t in tensors]
+    joined = mx.concatenate(blocked, axis=axis + 1)
+    return joined.reshape(v.shape[:axis] + [v.shape[axis] * len(tensors)] + v.shape[axis + 1 :])
+
+
+class Stack(Op):
+    """Stack per-expert tensors (`experts.{e}.w1.weight`) into one (n, ...) tensor under `target`.
+
+    `count` is the number of experts from the config; all of them or none must be present."""
+
+    def __init__(self, source: str, target: str, count: int):
+        if "{e}" not in source:
+            raise ValueError("Stack needs an {e} placeholder in its source")
+        self.source, self.target, self.count = source, target, count
+        self.regex = template(source)
+
+    def apply(self, w):
+        groups = _groups(w, self.regex, exclude="e")
+        out = {k: v for k, v in w.items() if not self.regex.match(k)}
+        for values, experts in groups.items():
+            values = dict(values)
+            want = {str(e) for e in range(self.count)}
+            if set(experts) != want:
+                missing = sorted(want - set(experts), key=int)[:3]
+                raise ValueError(f"cannot stack {fill(self.target, **values)}: expected {self.count} experts, "
+                                 f"missing {', '.join(fill(self.source, e=e, **values) for e in missing)}")
+            out[fill(self.target, **values)] = mx.stack([w[experts[str(e)]] for e in range(self.count)])
+        return out
+
+    def inverse(self):
+        return Unstack(self.target, self.source, self.count)
+
+
+class Unstack(Op):
+    """Split a stacked (n, ...) tensor back into per-expert tensors (the inverse of Stack)."""
+
+    def __init__(self, source: str, target: str, count: int):
+        self.source, self.target, self.count = source, target, count
+        self.regex = template(source)
+
+    def apply(self, w):
+        out = {}
+        for k, v in w.items():
+            m = self.regex.match(k)
+            if not m:
+                out[k] = v
+                continue
+            if v.shape[0] != self.count:
+                raise ValueError(f"{k}: {v.shape[0]} experts stacked, expected {self.count}")
+            for e in range(self.count):
+                out[fill(self.target, e=e, **m.groupdict())] = v[e]
+        return out
+
+    def inverse(self):
+        return Stack(self.target, self.source, self.count)
