@@ -23,7 +23,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_map, tree_unflatten
 
-from .quantize import dequantized
+from mlx_arch.core import quant
 
 
 def as_float32(model):
@@ -40,8 +40,8 @@ def as_float32(model):
     for path, module in model.named_modules():
         if id(module) not in inside and isinstance(module, VOCAB_SIZED):
             replacements.append((path, RowBlocks(module)))
-        elif isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
-            replacements.append((path, dequantized(module)))
+        elif quant.is_quantized(module):
+            replacements.append((path, quant.to_float(module)))
     if replacements:
         model.update_modules(tree_unflatten(replacements))
     model.update(tree_map(lambda p: p.astype(mx.float32) if p.dtype in floats else p, model.parameters()))
@@ -98,17 +98,10 @@ class RowBlocks(nn.Module):
 
 
 class Released:
-    """Stands in for a decoder layer whose weights were released: masks are still built from its window."""
+    """Stands in for a decoder layer whose weights were released: masks are still built from its kind."""
 
-    def __init__(self, window):
-        self.window = window
-
-
-class Position:
-    """What `embed` reads from a cache: the position of the chunk's first token (learned position tables)."""
-
-    def __init__(self, offset: int):
-        self.offset = offset
+    def __init__(self, kind):
+        self.kind = kind
 
 
 @dataclass
@@ -155,7 +148,7 @@ def run(model, ids: np.ndarray, mask: np.ndarray, on_layer: Optional[Callable] =
     batch_masks = model.masks(batch)
     alone = {r: model.embed(mx.array(ids[r : r + 1, : int(lengths[r])])) for r in rows}
     alone_masks = {r: model.masks(h) for r, h in alone.items()}
-    cached = [model.embed(mx.array(ids[:1, a:b]), [Position(a)]) for a, b in chunks]
+    cached = [model.embed(mx.array(ids[:1, a:b]), a) for a, b in chunks]
     caches = model.make_cache()
     n_layers = len(model.layers)
     hidden = []
@@ -166,16 +159,17 @@ def run(model, ids: np.ndarray, mask: np.ndarray, on_layer: Optional[Callable] =
         layer = model.layers[i]
         batch = layer(batch, batch_masks[i], None)
         alone = {r: layer(h, alone_masks[r][i], None) for r, h in alone.items()}
-        # The mask for a cached chunk depends on the cache state when the chunk arrives: build it from this
-        # layer's cache (every entry, since some families read positions from the first one).
-        cached = [layer(h, model.masks(h, [caches[i]] * n_layers)[i], caches[i]) for h in cached]
+        # The mask for a cached chunk depends on the cache state when the chunk arrives: the layer's kind builds
+        # it from the layer's own cache.
+        cached = [layer(h, model.masks(h, [caches[i]], a, kinds=[layer.kind])[0], caches[i])
+                  for h, (a, _) in zip(cached, chunks)]
         mx.eval(batch, alone, cached)
         hidden.append(np.array(batch))
         if low is not None:
             as_dtype(layer, low_precision)
             low = layer(low, low_masks[i], None)
             low_max_abs.append(largest(low, mask))
-        model.layers[i], caches[i] = Released(layer.window), None
+        model.layers[i], caches[i] = Released(layer.kind), None
         del layer
         if on_layer is not None:
             on_layer(i)

@@ -1,6 +1,5 @@
 """Model assembly, cast and quantization. Arrays stay lazy here: the work happens when save evaluates a shard."""
 
-import re
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -9,15 +8,12 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 import mlx_arch
+from mlx_arch.core import quant
 from mlx_arch.core.base import source_dtype
 
 from .errors import ConvertError
 from .plan import RECIPES, ConvertPlan
 
-# Layers that carry the most quantization error per bit: value and down projections (their outputs feed the
-# residual stream directly); matched by the last path component.
-SENSITIVE_PROJECTIONS = ("v_proj", "down_proj")
-_LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
 
 
 @dataclass
@@ -51,16 +47,18 @@ def cast(model, dtype: str):
     model.update(tree_unflatten(flat))
 
 
-def layer_bits(path: str, module, n_layers: int, recipe: Optional[str], bits: int) -> int:
-    """Bits for one layer under a mixed recipe: embeddings, the head and sensitive projections get more."""
+def layer_bits(model, path: str, recipe: Optional[str], bits: int) -> int:
+    """Bits for one layer under a mixed recipe: the embeddings and the head get more, and so do the projections the
+    model calls sensitive (`model.sensitive(path)`) in the first and last eighth of the layers and every third
+    layer between."""
     if not recipe:
         return bits
     low, high = RECIPES[recipe]
-    if isinstance(module, nn.Embedding) or path.endswith("lm_head"):
+    if model.is_vocab(path):
         return high
-    match = _LAYER_INDEX.search(f".{path}.")
-    if match and path.rsplit(".", 1)[-1] in SENSITIVE_PROJECTIONS:
-        i, edge = int(match.group(1)), max(1, n_layers // 8)
+    if model.sensitive(path):
+        n_layers = len(model.layers)
+        i, edge = model.layer_index(path), max(1, n_layers // 8)
         if i < edge or i >= n_layers - edge or (i - edge) % 3 == 2:
             return high
     return low
@@ -72,7 +70,6 @@ def layer_settings(model, plan: ConvertPlan) -> tuple:
     A model's optional `quant_predicate(path, module)` may exclude a layer (False) or give it its own settings
     (a dict merged over the plan's)."""
     hook = getattr(model, "quant_predicate", None)
-    n_layers = len(model.layers)
     settings, skipped = {}, {}
     for path, module in model.named_modules():
         if not path or not hasattr(module, "to_quantized"):
@@ -81,7 +78,7 @@ def layer_settings(model, plan: ConvertPlan) -> tuple:
         if not verdict:
             continue
         params = {"group_size": plan.q_group_size,
-                  "bits": layer_bits(path, module, n_layers, plan.quant_recipe, plan.q_bits), "mode": plan.q_mode}
+                  "bits": layer_bits(model, path, plan.quant_recipe, plan.q_bits), "mode": plan.q_mode}
         if isinstance(verdict, dict):
             params.update(verdict)
         width = module.weight.shape[-1]
@@ -115,23 +112,13 @@ def quantize(model, plan: ConvertPlan) -> QuantReport:
 
 
 def dequantized(module):
-    """The float32 layer that a quantized linear or embedding layer computes."""
-    weight = mx.dequantize(module.weight, module.scales, module.get("biases"), group_size=module.group_size,
-                           bits=module.bits, mode=module.mode).astype(mx.float32)
-    if isinstance(module, nn.QuantizedEmbedding):
-        layer = nn.Embedding(*weight.shape)
-    else:
-        layer = nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in module)
-        if "bias" in module:
-            layer.bias = module.bias.astype(mx.float32)
-    layer.weight = weight
-    return layer
+    """The float32 module that a quantized module computes (pairs registered in mlx_arch.core.quant)."""
+    return quant.to_float(module)
 
 
 def dequantize(model, dtype: str):
-    """Replace quantized layers by float layers computing the same function."""
-    swaps = [(path, dequantized(m)) for path, m in model.named_modules()
-             if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))]
+    """Replace quantized modules by float modules computing the same function."""
+    swaps = [(path, dequantized(m)) for path, m in model.named_modules() if quant.is_quantized(m)]
     if swaps:
         model.update_modules(tree_unflatten(swaps))
     cast(model, dtype)
@@ -141,7 +128,7 @@ def parameter_count(model) -> int:
     """Number of weights the model represents (packed quantized weights counted unpacked)."""
     total = sum(v.size for _, v in tree_flatten(model.parameters()))
     for _, m in model.named_modules():
-        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+        if quant.is_quantized(m):
             packed = m.weight.size + m.scales.size + (m.biases.size if m.get("biases") is not None else 0)
             total += m.weight.size * 32 // m.bits - packed
     return total

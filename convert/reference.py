@@ -27,7 +27,37 @@ def parameters_on_meta():
         torch.nn.Module.register_parameter = original
 
 
-class CheckpointReader:
+class TensorSource:
+    """Tensors by checkpoint name, read one at a time; also answers to the names transformers gives checkpoint
+    keys on load (`rename`)."""
+
+    aliases: dict
+
+    def keys(self):
+        raise NotImplementedError
+
+    def _get(self, key) -> torch.Tensor:
+        raise NotImplementedError
+
+    def rename(self, renames):
+        """Answer to transformers' load-time names too (e.g. `embed_out.` -> `lm_head.`); `renames` are (regex,
+        replacement) pairs."""
+        keys = set(self.keys())
+        for key in keys:
+            new = key
+            for pattern, replacement in renames:
+                new = re.sub(pattern, replacement, new)
+            if new != key and new not in keys:
+                self.aliases[new] = key
+
+    def __contains__(self, key):
+        return key in self.aliases or key in self.keys()
+
+    def get(self, key) -> torch.Tensor:
+        return self._get(self.aliases.get(key, key))
+
+
+class CheckpointReader(TensorSource):
     """Tensors of a checkpoint folder by name, read one at a time (safetensors) or per file (.bin)."""
 
     def __init__(self, folder):
@@ -53,21 +83,13 @@ class CheckpointReader:
                 return list(f.keys())
         return list(torch.load(file, map_location="cpu", weights_only=True, mmap=True).keys())
 
-    def rename(self, renames):
-        """Also answer to the names transformers gives checkpoint keys on load (e.g. `embed_out.` ->
-        `lm_head.`); `renames` are (regex, replacement) pairs."""
-        for key in list(self.files):
-            new = key
-            for pattern, replacement in renames:
-                new = re.sub(pattern, replacement, new)
-            if new != key and new not in self.files:
-                self.aliases[new] = key
+    def keys(self):
+        return self.files.keys()
 
     def __contains__(self, key):
         return key in self.files or key in self.aliases
 
-    def get(self, key) -> torch.Tensor:
-        key = self.aliases.get(key, key)
+    def _get(self, key) -> torch.Tensor:
         file = self.files[key]
         if file.suffix == ".safetensors":
             from safetensors import safe_open
@@ -77,6 +99,71 @@ class CheckpointReader:
         if file not in self._bin_cache:
             self._bin_cache = {file: torch.load(file, map_location="cpu", weights_only=True, mmap=True)}
         return self._bin_cache[file][key]
+
+
+class OutputWeights(TensorSource):
+    """The weights a converted folder actually holds, under the checkpoint's names and layouts: each quantized
+    tensor dequantized exactly as the MLX format defines it, then the inverse of the family's weight rules. Run
+    with these, the reference computes the same function as the converted model, whatever its precision.
+
+    Keys the rules drop by declaration (buffers, a head tied to the embeddings) are read from `fallback`, the
+    source checkpoint. Everything stays lazy: `get` evaluates one tensor and lets it go (an evaluated MLX array
+    keeps its data, so a tensor is taken out of the lazy map when read; a second read maps the files again)."""
+
+    def __init__(self, folder, fallback: TensorSource):
+        import mlx_arch
+        from mlx_arch.core.weights import dropped
+
+        self.folder = Path(folder)
+        self.config = json.loads((self.folder / "config.json").read_text())
+        self.rules = mlx_arch.build_model(self.config).weight_rules()
+        self.tensors = self._mapped()
+        self.held = set(self.tensors)  # checkpoint names of what the output holds
+        self.fallback, self.aliases = fallback, {}
+        self._keys = self.held | {k for k in fallback.keys() if k not in self.held and dropped(self.rules, k)}
+
+    def _mapped(self) -> dict:
+        """Lazy {checkpoint name: float32 array} of everything the folder holds."""
+        import mlx.core as mx
+        from mlx_arch.core.weights import apply_rules, inverse
+
+        stored = {}
+        for f in sorted(self.folder.glob("model*.safetensors")):
+            stored.update(mx.load(str(f)))
+        return apply_rules(float_weights(stored, self.config), inverse(self.rules))
+
+    def keys(self):
+        return self._keys
+
+    def _get(self, key) -> torch.Tensor:
+        import mlx.core as mx
+        import numpy as np
+
+        if key not in self.held:
+            return self.fallback.get(key)
+        if key not in self.tensors:
+            self.tensors = self._mapped()
+        return torch.from_numpy(np.array(self.tensors.pop(key).astype(mx.float32)))
+
+
+def float_weights(stored: dict, config: dict) -> dict:
+    """Stored MLX weights with every quantized (weight, scales, biases) group replaced by its float32 weight."""
+    import mlx.core as mx
+
+    quant = config.get("quantization") or config.get("quantization_config") or {}
+    out = {}
+    for key, value in stored.items():
+        base, _, leaf = key.rpartition(".")
+        if f"{base}.scales" not in stored or leaf not in ("weight", "scales", "biases"):
+            out[key] = value
+        elif leaf == "weight":
+            params = {"group_size": quant.get("group_size", 64), "bits": quant.get("bits", 4),
+                      "mode": quant.get("mode", "affine")}
+            if isinstance(quant.get(base), dict):
+                params.update({k: v for k, v in quant[base].items() if k in params})
+            out[key] = mx.dequantize(value, stored[f"{base}.scales"], stored.get(f"{base}.biases"),
+                                     **params).astype(mx.float32)
+    return out
 
 
 def build_reference(folder):

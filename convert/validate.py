@@ -2,10 +2,18 @@
 
 Runs on the converted model reloaded from its saved files, against the transformers model of the source in float32.
 Both run one layer at a time with weights read just before use and released after (`reference.py`,
-`layerwise.py`), so memory stays bounded for models larger than memory. Checks logits on fixed prompts, hidden
-states layer by layer, KV-cache and padded-batch consistency, non-finite values, tokenizer fidelity, and (for
-float16 outputs) that activations stay within float16's range. Thresholds depend on the precision of the output
-and are listed in `THRESHOLDS`.
+`layerwise.py`), so memory stays bounded for models larger than memory. Three parts, reported separately:
+
+- **Exact-weights parity (the proof).** The reference runs with the weights the output actually holds (each
+  quantized tensor dequantized as the MLX format defines it, mapped back to the checkpoint's names by the inverse
+  of the family's weight rules). Both sides then compute the same function, so float32 bounds (`EXACT`) apply to
+  the logits and to every layer's hidden states, at 4 bits as in bf16: a layout, config or code bug fails here,
+  however much quantization error there is. Each stored tensor is also compared with its source tensor, so a
+  weight put in the wrong place cannot pass either (`WEIGHT_BOUNDS`).
+- **Consistency**: KV-cache decode against a full forward, padded batch against single prompts, non-finite
+  weights, tokenizer fidelity, and (for float16 outputs) activations within float16's range.
+- **Quantization cost (measured, not proof)**: KL, top-1 and cosine against the float original, with per-precision
+  bounds (`THRESHOLDS`) loose enough for a healthy quantization and tight enough to catch a broken one.
 """
 
 import json
@@ -35,9 +43,9 @@ MAX_PROBE_TOKENS = 48
 # 4 bits) and tight enough to catch a broken conversion (a wrong layout or RoPE gives KL of several nats and random
 # top-1).
 THRESHOLDS = {
-    "float32": dict(max_rel_error=1e-4, kl_mean=1e-6, top1=0.99, layer_error=1e-3),
-    "float16": dict(max_rel_error=2e-2, kl_mean=1e-3, top1=0.97, layer_error=3e-2),
-    "bfloat16": dict(max_rel_error=5e-2, kl_mean=5e-3, top1=0.95, layer_error=1e-1),
+    "float32": dict(kl_mean=1e-6, top1=0.99, layer_error=1e-3),
+    "float16": dict(kl_mean=1e-3, top1=0.97, layer_error=3e-2),
+    "bfloat16": dict(kl_mean=5e-3, top1=0.95, layer_error=1e-1),
     8: dict(kl_mean=0.03, top1=0.9, layer_error=0.15),
     6: dict(kl_mean=0.12, top1=0.8, layer_error=0.3),
     5: dict(kl_mean=0.3, top1=0.75, layer_error=0.5),
@@ -46,6 +54,23 @@ THRESHOLDS = {
     2: dict(kl_mean=4.0, top1=0.2, layer_error=3.0),
 }
 CONSISTENCY_TOL = 1e-3  # cache vs full and batch vs single, both in float32 activations
+
+# Exact-weights parity: both sides hold the same float32 weights, so only float32 rounding separates them.
+EXACT = dict(max_rel_error=1e-4, layer_error=1e-4)
+
+
+def weight_bound(bits) -> float:
+    """Largest relative (Frobenius) error of a stored tensor against its source tensor. Round-to-nearest affine
+    quantization of a Gaussian-like tensor gives about 2**-bits * 1.5 (0.09 at 4 bits); a misplaced tensor gives
+    1.0 (zeroed) to 1.4 (another tensor of the same shape). Float casts: bfloat16 rounding is 0.4%."""
+    if isinstance(bits, int):
+        return min(0.9, 8.0 * 2.0**-bits)
+    return 2e-2
+
+
+# Probes with fewer distinct token ids than this cannot tell positions apart (attention over identical keys ignores
+# RoPE): the gate adds a row of ids drawn deterministically from the vocabulary.
+MIN_DISTINCT_IDS = 16
 
 
 @dataclass
@@ -57,6 +82,9 @@ class Report:
     logits: dict = field(default_factory=dict)
     layers: list = field(default_factory=list)
     first_divergent_layer: Optional[int] = None
+    parity: dict = field(default_factory=dict)  # exact-weights parity: logit metrics and per-layer errors
+    weights: dict = field(default_factory=dict)  # stored tensors against their source tensors
+    probes: dict = field(default_factory=dict)  # how the probes were built
     cache_rel_error: Optional[float] = None
     batch_rel_error: Optional[float] = None
     tokenizer: dict = field(default_factory=dict)
@@ -128,18 +156,45 @@ def templated(tokenizer, template: str) -> str:
     return tokenizer.apply_chat_template(CHAT, chat_template=template, tokenize=False, add_generation_prompt=True)
 
 
-def probe_batch(tokenizer, vocab_size: int):
-    """Right-padded ids (B, L) and their mask for the fixed prompts plus a chat-templated conversation."""
+def informative(rows: list, vocab_size: int) -> bool:
+    """Whether the probe ids can tell positions apart: at least MIN_DISTINCT_IDS distinct ids (or half the
+    vocabulary, for tiny vocabularies)."""
+    distinct = len({i for r in rows for i in r})
+    return distinct >= min(MIN_DISTINCT_IDS, vocab_size // 2)
+
+
+def drawn_ids(vocab_size: int, n: int = MAX_PROBE_TOKENS) -> list:
+    """n ids drawn deterministically from the vocabulary, distinct where the vocabulary allows."""
+    rng = np.random.default_rng(20261204)
+    return rng.choice(vocab_size, size=n, replace=vocab_size < n).tolist()
+
+
+def probe_rows(tokenizer, vocab_size: int) -> tuple:
+    """Token ids of the fixed prompts plus a chat-templated conversation, and a note when drawn ids were added."""
     texts = list(PROMPTS)
     if "default" in chat_templates(tokenizer):
         texts.append(templated(tokenizer, chat_templates(tokenizer)["default"]))
     rows = [tokenizer(t, add_special_tokens=True)["input_ids"][:MAX_PROBE_TOKENS] for t in texts]
-    rows = [r for r in rows if len(r) >= 2]
+    rows = [[min(i, vocab_size - 1) for i in r] for r in rows if len(r) >= 2]
+    note = {"texts": len(rows), "distinct_ids": len({i for r in rows for i in r})}
+    if not informative(rows, vocab_size):
+        rows.append(drawn_ids(vocab_size))
+        note["added"] = (f"the tokenizer gives only {note['distinct_ids']} distinct ids on the probe texts: added "
+                         f"{len(rows[-1])} ids drawn from the vocabulary")
+    return rows, note
+
+
+def probe_batch(tokenizer, vocab_size: int):
+    """Right-padded ids (B, L) and their mask for the probe rows (see `probe_rows`)."""
+    return padded(probe_rows(tokenizer, vocab_size)[0])
+
+
+def padded(rows: list):
     width = max(len(r) for r in rows)
     ids = np.zeros((len(rows), width), dtype=np.int64)
     mask = np.zeros_like(ids)
     for i, r in enumerate(rows):
-        ids[i, : len(r)] = np.minimum(r, vocab_size - 1)
+        ids[i, : len(r)] = r
         mask[i, : len(r)] = 1
     return ids, mask
 
@@ -202,11 +257,12 @@ def validate(source, output, progress: Optional[Callable] = None) -> Report:
     from mlx_arch import load_model
 
     from . import layerwise
-    from .reference import CheckpointReader, StreamedForward, build_reference
+    from .reference import CheckpointReader, OutputWeights, StreamedForward, build_reference
 
     model, config = load_model(output, lazy=True)  # weights are read layer by layer, see layerwise.py
     precision, key = precision_of(config)
-    report = Report(precision=precision, thresholds=THRESHOLDS[key])
+    report = Report(precision=precision, thresholds={**THRESHOLDS[key], "exact": EXACT,
+                                                     "weights_rel_error": weight_bound(key)})
 
     report.tokenizer, tokenizer = tokenizer_fidelity(source, output)
     if not report.tokenizer["passed"]:
@@ -216,16 +272,31 @@ def validate(source, output, progress: Optional[Callable] = None) -> Report:
     if report.non_finite:
         report.failures.append(f"non-finite values in {', '.join(report.non_finite[:5])}")
 
-    ids, mask = probe_batch(tokenizer, config["vocab_size"])
+    rows, report.probes = probe_rows(tokenizer, config["vocab_size"])
+    ids, mask = padded(rows)
     report.prompts, report.tokens = ids.shape[0], int(mask.sum())
     n_layers = len(model.layers)
-    reference = StreamedForward(build_reference(source), CheckpointReader(source))
-    reference.on_layer = layer_ticker(progress, n_layers, "validate: transformers")
-    ref_logits, ref_layers = reference(ids, mask)
+    source_reader = CheckpointReader(source)
+    held = OutputWeights(output, source_reader)
+    report.weights = weight_fidelity(held, source_reader, report.thresholds["weights_rel_error"])
+
+    exact = StreamedForward(build_reference(source), held)
+    exact.on_layer = layer_ticker(progress, n_layers, "validate: transformers")
+    exact_logits, exact_layers = exact(ids, mask)
+    if report.weights["worst_rel_error"] == 0.0:  # the output holds the source's own values: one pass serves both
+        ref_logits, ref_layers = exact_logits, exact_layers
+    else:
+        original = StreamedForward(build_reference(source), source_reader)
+        original.on_layer = layer_ticker(progress, n_layers, "validate: transformers, float original")
+        ref_logits, ref_layers = original(ids, mask)
     float16 = source_dtype(config) == "float16"
     out = layerwise.run(model, ids, mask, on_layer=layer_ticker(progress, n_layers, "validate: mlx"),
                         low_precision=mx.float16 if float16 else None)
+    compare_exact(report, mask, out.logits, out.layers, exact_logits, exact_layers)
     compare_outputs(report, mask, out.logits, out.layers, ref_logits, ref_layers)
+    if report.weights["misplaced"]:
+        report.failures.append("weights differ from their source tensors beyond quantization: "
+                               + ", ".join(f"{k} (rel. error {e:.2g})" for k, e in report.weights["misplaced"][:3]))
     if float16:
         check_float16_range(report, out.low_max_abs)
 
@@ -236,6 +307,41 @@ def validate(source, output, progress: Optional[Callable] = None) -> Report:
         if not err <= CONSISTENCY_TOL:
             report.failures.append(f"{name}: relative error {err:.2e} > {CONSISTENCY_TOL:.0e}")
     return report
+
+
+def weight_fidelity(held, source, bound: float) -> dict:
+    """Each tensor the output holds, mapped back to its checkpoint name, against the source tensor of that name:
+    relative Frobenius error, worst first. A tensor past `bound` was misplaced, zeroed or corrupted."""
+    errors = {}
+    for key in sorted(held.held):
+        if key not in source:
+            continue
+        ours, ref = held.get(key).double(), source.get(key).double()
+        if ours.shape != ref.shape:
+            errors[key] = float("inf")
+            continue
+        errors[key] = float((ours - ref).norm() / max(float(ref.norm()), 1e-30))
+    worst = max(errors.items(), key=lambda kv: kv[1], default=(None, 0.0))
+    misplaced = sorted(((k, e) for k, e in errors.items() if not e <= bound), key=lambda kv: -kv[1])
+    return {"tensors": len(errors), "worst": worst[0], "worst_rel_error": worst[1], "bound": bound,
+            "misplaced": misplaced}
+
+
+def compare_exact(report, mask, logits, layers, exact_logits, exact_layers):
+    """The proof: our model against the reference holding the same weights, at float32 bounds."""
+    real = mask.astype(bool)
+    if not np.isfinite(logits[real]).all():
+        return  # reported by compare_outputs
+    metrics = logit_metrics(logits[real], exact_logits[real])
+    errors = [rel_error(ours[real], ref[real]) for ours, ref in zip(layers, exact_layers)]
+    report.parity = {**metrics, "layers": errors}
+    first = next((i for i, e in enumerate(errors) if not e <= EXACT["layer_error"]), None)
+    if first is not None or not metrics["max_rel_error"] <= EXACT["max_rel_error"]:
+        report.first_divergent_layer = first
+        where = f"; first diverging layer: {first}" if first is not None else ""
+        report.failures.append(f"exact-weights parity: logits relative error {metrics['max_rel_error']:.2e} "
+                               f"(bound {EXACT['max_rel_error']:.0e}) against transformers holding the same "
+                               f"weights{where}: the conversion computes another function")
 
 
 def check_float16_range(report, max_abs: list):
@@ -256,20 +362,21 @@ def compare_outputs(report, mask, logits, layers, ref_logits, ref_layers):
         return
     report.logits = logit_metrics(logits[real], ref_logits[real])
     t = report.thresholds
+    first = None
     for i, (ours, ref) in enumerate(zip(layers, ref_layers)):
         err = rel_error(ours[real], ref[real])
         report.layers.append({"layer": i, "rel_error": err})
-        if report.first_divergent_layer is None and not err <= t["layer_error"]:
-            report.first_divergent_layer = i
+        if first is None and not err <= t["layer_error"]:
+            first = i
     m = report.logits
     bounds = {"kl_mean": m["kl_mean"] <= t["kl_mean"], "top1_decided": m["top1_decided"] >= t["top1"]}
-    if "max_rel_error" in t:
-        bounds["max_rel_error"] = m["max_rel_error"] <= t["max_rel_error"]
     broken = [f"{name} {m[name]:.3g} (bound {t[name.replace('_decided', '')]})"
               for name, ok in bounds.items() if not ok]
     if broken:
-        where = report.first_divergent_layer
-        report.failures.append("logits differ from the reference: " + ", ".join(broken)
+        if report.first_divergent_layer is None:
+            report.first_divergent_layer = first
+        where = first
+        report.failures.append("logits differ from the float original (quantization cost): " + ", ".join(broken)
                                + (f"; first diverging layer: {where}" if where is not None else ""))
 
 

@@ -8,32 +8,22 @@ from typing import Optional, Union
 
 import mlx.nn as nn
 
-from .core.base import BaseModelArgs
-from .core.layers import MLP, Attention, Backbone, CausalLM, PostNormDecoderLayer, make_rope, rms_norm, sliding_period
+from . import llama
+from .core.kinds import LayerKind
+from .core.layers import Attention, PostNormDecoderLayer, sliding_period
 
 
 @dataclass
-class ModelArgs(BaseModelArgs):
-    model_type: str
+class ModelArgs(llama.ModelArgs):
     vocab_size: int = 102400
-    hidden_size: int = 4096
     intermediate_size: int = 16384
-    num_hidden_layers: int = 32
-    num_attention_heads: int = 32
-    num_key_value_heads: int = 32
-    head_dim: Optional[int] = None
-    hidden_act: str = "silu"
-    max_position_embeddings: int = 2048
+    num_key_value_heads: Optional[int] = 32
     rms_norm_eps: float = 1e-5
-    tie_word_embeddings: bool = False
-    rope_theta: float = 10000.0
-    rope_scaling: Optional[dict] = None
     sliding_window: Optional[int] = 4096
     sliding_window_pattern: Union[str, int, None] = 4
-    layer_types: Optional[list] = None
 
     def __post_init__(self):
-        self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
+        super().__post_init__()
         if self.layer_types is None:
             if self.sliding_window is None:
                 # Exaone4Config sets the pattern to 0 here (no sliding layers); its formula would divide by it.
@@ -46,23 +36,16 @@ class ModelArgs(BaseModelArgs):
                                  f"{self.sliding_window_pattern!r}")
 
 
-class Model(CausalLM):
-    def __init__(self, args: ModelArgs):
-        super().__init__(args)
-        norm = rms_norm(args.hidden_size, args.rms_norm_eps)
-        layers = []
-        for layer_type in args.layer_types[: args.num_hidden_layers]:
-            sliding = layer_type == "sliding_attention"
-            rotates = args.sliding_window is None or sliding
-            rope = make_rope(args.head_dim, args.rope_theta, args.rope_scaling, 1.0, args.max_position_embeddings)
-            attn = Attention(args.hidden_size, args.num_attention_heads, args.num_key_value_heads, args.head_dim,
-                             rope if rotates else None, qk_norm=lambda dims: nn.RMSNorm(dims, eps=args.rms_norm_eps))
-            layers.append(PostNormDecoderLayer(attn, MLP(args.hidden_size, args.intermediate_size, args.hidden_act),
-                                               norm, pre_norms=False,
-                                               window=args.sliding_window if sliding else None))
-        self.model = Backbone(args.vocab_size, args.hidden_size, layers, norm())
-        if not args.tie_word_embeddings:
-            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+class Model(llama.Model):
+    def attention(self, index: int, kind: LayerKind) -> Attention:
+        a = self.args
+        rotates = kind.name == "sliding" or a.sliding_window is None
+        return Attention(a.hidden_size, a.num_attention_heads, a.num_key_value_heads, a.head_dim,
+                         self.rope if rotates else None, qk_norm=lambda dims: nn.RMSNorm(dims, eps=a.rms_norm_eps))
+
+    def layer(self, index: int, kind: LayerKind) -> PostNormDecoderLayer:
+        return PostNormDecoderLayer(self.attention(index, kind), self.mlp(index), self.norm, pre_norms=False,
+                                    kind=kind)
 
     def export_config(self, config: dict) -> dict:
         # mlx-lm requires head_dim and rope_scaling, and reads the layer kinds from a pattern string ("LLLG").

@@ -8,17 +8,19 @@ are capped when `final_logit_softcapping` is set.
 """
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Optional
 
 from . import gemma2
 from .core.base import rope_config, rope_scaling
+from .core.kinds import LayerKind
 from .core.layers import Attention, OffsetRMSNorm, make_rope, sliding_period
 
 
 @dataclass
 class ModelArgs(gemma2.ModelArgs):
     vocab_size: int = 262_208
-    max_position_embeddings: int = 131_072
+    max_position_embeddings: Optional[int] = 131_072
     rope_theta: float = 1_000_000.0
     rope_local_base_freq: float = 10_000.0
     rope_local_scaling: Optional[dict] = None
@@ -45,19 +47,21 @@ class ModelArgs(gemma2.ModelArgs):
 
 
 class Model(gemma2.Model):
+    @cached_property
+    def local_rope(self):
+        """The RoPE of the sliding layers, shared by all of them."""
+        a = self.args
+        return make_rope(a.head_dim, a.rope_local_base_freq, a.rope_local_scaling, 1.0, a.max_position_embeddings)
+
+    def attention(self, index: int, kind: LayerKind) -> Attention:
+        a = self.args
+        return Attention(a.hidden_size, a.num_attention_heads, a.num_key_value_heads, a.head_dim,
+                         self.local_rope if kind.name == "sliding" else self.rope,
+                         qkv_bias=a.attention_bias, o_bias=a.attention_bias, scale=a.query_pre_attn_scalar**-0.5,
+                         qk_norm=lambda dims: OffsetRMSNorm(dims, eps=a.rms_norm_eps))
+
     def export_config(self, config: dict) -> dict:
         # mlx-lm reads the local base and an integer pattern, not rope_parameters / layer_types.
         out = {**config, "rope_local_base_freq": self.args.rope_local_base_freq}
         period = sliding_period(self.args.layer_types[: self.args.num_hidden_layers])
         return {**out, "sliding_window_pattern": period} if period else out
-
-    def attention(self, args: ModelArgs, layer_type: str) -> Attention:
-        if layer_type == "sliding_attention":
-            base, scaling = args.rope_local_base_freq, args.rope_local_scaling
-        else:
-            base, scaling = args.rope_theta, args.rope_scaling
-        rope = make_rope(args.head_dim, base, scaling, 1.0, args.max_position_embeddings)
-        return Attention(args.hidden_size, args.num_attention_heads, args.num_key_value_heads, args.head_dim, rope,
-                         qkv_bias=args.attention_bias, o_bias=args.attention_bias,
-                         scale=args.query_pre_attn_scalar**-0.5,
-                         qk_norm=lambda dims: OffsetRMSNorm(dims, eps=args.rms_norm_eps))

@@ -9,61 +9,50 @@ from typing import Callable, Optional
 
 import mlx.nn as nn
 
-from .core.base import BaseModelArgs
-from .core.layers import Attention, Backbone, CausalLM, FusedGateUpMLP, make_rope, rms_norm
+from . import llama
+from .core.kinds import FULL, KindedLayer, LayerKind
+from .core.layers import Attention, FusedGateUpMLP
 
 
 @dataclass
-class ModelArgs(BaseModelArgs):
-    model_type: str
+class ModelArgs(llama.ModelArgs):
     vocab_size: int = 151552
-    hidden_size: int = 4096
     intermediate_size: int = 13696
     num_hidden_layers: int = 40
-    num_attention_heads: int = 32
-    num_key_value_heads: int = 2
+    num_key_value_heads: Optional[int] = 2
     head_dim: Optional[int] = 128
-    hidden_act: str = "silu"
-    max_position_embeddings: int = 131072
+    max_position_embeddings: Optional[int] = 131072
     rms_norm_eps: float = 0.00000015625
-    tie_word_embeddings: bool = False
-    rope_theta: float = 10000.0
-    rope_scaling: Optional[dict] = None
     partial_rotary_factor: float = 0.5  # Glm4Config's default "for BC"
     attention_bias: bool = True
-
-    def __post_init__(self):
-        if self.head_dim is None:  # GLM's rotary embedding falls back to this
-            self.head_dim = self.hidden_size // self.num_attention_heads
+    windowed = False
 
 
-class Glm4DecoderLayer(nn.Module):
+class Glm4DecoderLayer(KindedLayer, nn.Module):
     """h = x + post_self_attn(attn(input(x))); out = h + post_mlp(mlp(post_attention(h)))."""
 
-    def __init__(self, attn: nn.Module, mlp: nn.Module, norm: Callable[[], nn.Module]):
+    def __init__(self, attn: nn.Module, mlp: nn.Module, norm: Callable[[], nn.Module], kind: LayerKind = FULL):
         super().__init__()
         self.self_attn, self.mlp = attn, mlp
         self.input_layernorm, self.post_self_attn_layernorm = norm(), norm()
         self.post_attention_layernorm, self.post_mlp_layernorm = norm(), norm()
-        self.window = None
+        self.kind = kind
 
     def __call__(self, x, mask=None, cache=None):
         h = x + self.post_self_attn_layernorm(self.self_attn(self.input_layernorm(x), mask, cache))
         return h + self.post_mlp_layernorm(self.mlp(self.post_attention_layernorm(h)))
 
 
-class Model(CausalLM):
-    def __init__(self, args: ModelArgs):
-        super().__init__(args)
-        rope = make_rope(args.head_dim, args.rope_theta, args.rope_scaling, args.partial_rotary_factor,
-                         args.max_position_embeddings, traditional=True)
-        norm = rms_norm(args.hidden_size, args.rms_norm_eps)
-        layers = [
-            Glm4DecoderLayer(Attention(args.hidden_size, args.num_attention_heads, args.num_key_value_heads,
-                                       args.head_dim, rope, qkv_bias=args.attention_bias, o_bias=False),
-                             FusedGateUpMLP(args.hidden_size, args.intermediate_size, args.hidden_act), norm)
-            for _ in range(args.num_hidden_layers)
-        ]
-        self.model = Backbone(args.vocab_size, args.hidden_size, layers, norm())
-        if not args.tie_word_embeddings:
-            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+class Model(llama.Model):
+    rope_traditional = True
+
+    def attention(self, index: int, kind: LayerKind) -> Attention:
+        a = self.args
+        return Attention(a.hidden_size, a.num_attention_heads, a.num_key_value_heads, a.head_dim, self.rope,
+                         qkv_bias=a.attention_bias, o_bias=False)
+
+    def mlp(self, index: int) -> nn.Module:
+        return FusedGateUpMLP(self.args.hidden_size, self.args.intermediate_size, self.args.hidden_act)
+
+    def layer(self, index: int, kind: LayerKind):
+        return Glm4DecoderLayer(self.attention(index, kind), self.mlp(index), self.norm, kind)

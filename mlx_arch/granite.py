@@ -6,41 +6,19 @@ add, `attention_multiplier` as the attention scale (instead of head_dim**-0.5) a
 from dataclasses import dataclass
 from typing import Optional
 
-import mlx.nn as nn
-
-from .core.base import BaseModelArgs
-from .core.layers import MLP, Attention, Backbone, CausalLM, DecoderLayer, make_rope, rms_norm
+from . import llama
+from .core.kinds import LayerKind
+from .core.layers import Attention, DecoderLayer
 
 
 @dataclass
-class ModelArgs(BaseModelArgs):
-    model_type: str
-    vocab_size: int = 32000
-    hidden_size: int = 4096
-    intermediate_size: int = 11008
-    num_hidden_layers: int = 32
-    num_attention_heads: int = 32
-    num_key_value_heads: Optional[int] = None
+class ModelArgs(llama.ModelArgs):
     head_dim: Optional[int] = None  # not a GraniteConfig field; llama's attention reads it when a config has one
-    hidden_act: str = "silu"
-    max_position_embeddings: int = 2048
-    rms_norm_eps: float = 1e-6
-    tie_word_embeddings: bool = False
-    rope_theta: float = 10000.0
-    rope_scaling: Optional[dict] = None
-    partial_rotary_factor: float = 1.0
-    attention_bias: bool = False
-    mlp_bias: bool = False
     embedding_multiplier: float = 1.0
     logits_scaling: float = 1.0
     residual_multiplier: float = 1.0
     attention_multiplier: float = 1.0
-
-    def __post_init__(self):
-        if self.num_key_value_heads is None:
-            self.num_key_value_heads = self.num_attention_heads
-        if self.head_dim is None:
-            self.head_dim = self.hidden_size // self.num_attention_heads
+    windowed = False
 
 
 class ScaledResidualLayer(DecoderLayer):
@@ -55,24 +33,19 @@ class ScaledResidualLayer(DecoderLayer):
         return h + self.mlp(self.post_attention_layernorm(h)) * self.residual_multiplier
 
 
-class Model(CausalLM):
+class Model(llama.Model):
     def __init__(self, args: ModelArgs):
         super().__init__(args)
         self.embed_scale = args.embedding_multiplier
-        rope = make_rope(args.head_dim, args.rope_theta, args.rope_scaling, args.partial_rotary_factor,
-                         args.max_position_embeddings)
-        norm = rms_norm(args.hidden_size, args.rms_norm_eps)
-        layers = [
-            ScaledResidualLayer(Attention(args.hidden_size, args.num_attention_heads, args.num_key_value_heads,
-                                          args.head_dim, rope, qkv_bias=args.attention_bias,
-                                          o_bias=args.attention_bias, scale=args.attention_multiplier),
-                                MLP(args.hidden_size, args.intermediate_size, args.hidden_act, args.mlp_bias), norm,
-                                residual_multiplier=args.residual_multiplier)
-            for _ in range(args.num_hidden_layers)
-        ]
-        self.model = Backbone(args.vocab_size, args.hidden_size, layers, norm())
-        if not args.tie_word_embeddings:
-            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+    def attention(self, index: int, kind: LayerKind) -> Attention:
+        a = self.args
+        return Attention(a.hidden_size, a.num_attention_heads, a.num_key_value_heads, a.head_dim, self.rope,
+                         qkv_bias=a.attention_bias, o_bias=a.attention_bias, scale=a.attention_multiplier)
+
+    def layer(self, index: int, kind: LayerKind):
+        return ScaledResidualLayer(self.attention(index, kind), self.mlp(index), self.norm, kind,
+                                   residual_multiplier=self.args.residual_multiplier)
 
     def head(self, h):
         return super().head(h) / self.args.logits_scaling

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from . import llama
-from .core.layers import Attention, make_rope
+from .core.layers import Attention
 
 
 @dataclass
@@ -16,10 +16,10 @@ class ModelArgs(llama.ModelArgs):
     head_dim: Optional[int] = 128
     max_position_embeddings: Optional[int] = 4096
     rope_theta: float = 100_000.0
+    windowed = False
 
     def __post_init__(self):
         super().__post_init__()
-        self.sliding_window = None  # transformers' model has no sliding window (llama attention)
         if self.num_attention_heads * self.head_dim != self.hidden_size:
             # HeliumAttention's o_proj maps hidden_size to hidden_size.
             raise ValueError(f"helium needs num_attention_heads * head_dim == hidden_size, got "
@@ -27,8 +27,9 @@ class ModelArgs(llama.ModelArgs):
 
 
 class Model(llama.Model):
-    def attention(self, args: ModelArgs, rope) -> Attention:
-        rope = make_rope(args.head_dim, args.rope_theta, args.rope_scaling, args.partial_rotary_factor,
-                         args.max_position_embeddings, traditional=True)
-        return Attention(args.hidden_size, args.num_attention_heads, args.num_key_value_heads, args.head_dim,
-                         rope, qkv_bias=args.attention_bias, o_bias=False)
+    rope_traditional = True
+
+    def attention(self, index: int, kind) -> Attention:
+        a = self.args
+        return Attention(a.hidden_size, a.num_attention_heads, a.num_key_value_heads, a.head_dim, self.rope,
+                         qkv_bias=a.attention_bias, o_bias=False)

@@ -17,6 +17,7 @@ from .core.layers import Attention
 class ModelArgs(llama.ModelArgs):
     rms_norm_eps: float = 1e-5
     max_position_embeddings: Optional[int] = 2048
+    windowed = False
 
     def __post_init__(self):
         scaling = self.rope_scaling or {}
@@ -28,7 +29,6 @@ class ModelArgs(llama.ModelArgs):
             self.rope_scaling = None
         super().__post_init__()
         self.mlp_bias = False
-        self.sliding_window = None  # transformers' model has no sliding window (llama attention)
 
 
 class PostRopeNormAttention(Attention):
@@ -54,5 +54,5 @@ class Model(llama.Model):
         scaling = rope_scaling(rope_config(config))
         return {**config, "rope_scaling": {**scaling, "type": scaling["rope_type"]}} if scaling else config
 
-    def attention(self, args: ModelArgs, rope) -> Attention:
-        return PostRopeNormAttention(args, rope)
+    def attention(self, index: int, kind) -> Attention:
+        return PostRopeNormAttention(self.args, self.rope)

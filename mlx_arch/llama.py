@@ -41,10 +41,14 @@ class ModelArgs(BaseModelArgs):
     tie_word_embeddings: bool = False
     sliding_window: Optional[int] = None
     layer_types: Optional[list] = None
+    # False for families whose transformers model has no sliding window: a stray `sliding_window` key is ignored.
+    windowed = True
 
     def __post_init__(self):
         self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
         self.head_dim = default_head_dim(self)
+        if not self.windowed:
+            self.sliding_window = None
 
 
 class Model(CausalLM):

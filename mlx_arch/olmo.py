@@ -11,34 +11,16 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from .core.base import BaseModelArgs
-from .core.layers import MLP, Attention, Backbone, CausalLM, DecoderLayer, make_rope
+from . import llama
+from .core.kinds import LayerKind
+from .core.layers import Attention
 
 
 @dataclass
-class ModelArgs(BaseModelArgs):
-    model_type: str
+class ModelArgs(llama.ModelArgs):
     vocab_size: int = 50304
-    hidden_size: int = 4096
-    intermediate_size: int = 11008
-    num_hidden_layers: int = 32
-    num_attention_heads: int = 32
-    num_key_value_heads: Optional[int] = None
-    head_dim: Optional[int] = None  # not an OlmoConfig field; llama's attention reads it when a config has one
-    hidden_act: str = "silu"
-    max_position_embeddings: int = 2048
-    tie_word_embeddings: bool = False
-    rope_theta: float = 10000.0
-    rope_scaling: Optional[dict] = None
-    partial_rotary_factor: float = 1.0
-    attention_bias: bool = False
     clip_qkv: Optional[float] = None
-
-    def __post_init__(self):
-        if self.num_key_value_heads is None:
-            self.num_key_value_heads = self.num_attention_heads
-        if self.head_dim is None:
-            self.head_dim = self.hidden_size // self.num_attention_heads
+    windowed = False
 
 
 class ClippedAttention(Attention):
@@ -55,23 +37,11 @@ class ClippedAttention(Attention):
         return tuple(mx.clip(t, -self.clip, self.clip) for t in (q, k, v))
 
 
-def parameter_free_layer_norm(dims: int):
-    return lambda: nn.LayerNorm(dims, eps=1e-5, affine=False)
+class Model(llama.Model):
+    def norm(self) -> nn.Module:
+        return nn.LayerNorm(self.args.hidden_size, eps=1e-5, affine=False)
 
-
-class Model(CausalLM):
-    def __init__(self, args: ModelArgs):
-        super().__init__(args)
-        rope = make_rope(args.head_dim, args.rope_theta, args.rope_scaling, args.partial_rotary_factor,
-                         args.max_position_embeddings)
-        norm = parameter_free_layer_norm(args.hidden_size)
-        layers = [
-            DecoderLayer(ClippedAttention(args.hidden_size, args.num_attention_heads, args.num_key_value_heads,
-                                          args.head_dim, rope, qkv_bias=args.attention_bias,
-                                          o_bias=args.attention_bias, clip=args.clip_qkv),
-                         MLP(args.hidden_size, args.intermediate_size, args.hidden_act), norm)
-            for _ in range(args.num_hidden_layers)
-        ]
-        self.model = Backbone(args.vocab_size, args.hidden_size, layers, norm())
-        if not args.tie_word_embeddings:
-            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+    def attention(self, index: int, kind: LayerKind) -> Attention:
+        a = self.args
+        return ClippedAttention(a.hidden_size, a.num_attention_heads, a.num_key_value_heads, a.head_dim, self.rope,
+                                qkv_bias=a.attention_bias, o_bias=a.attention_bias, clip=a.clip_qkv)

@@ -3,12 +3,12 @@ projections (over all heads, before splitting into heads) and norms on each subl
 (`post_attention_layernorm`, `post_feedforward_layernorm`); no q/k/v clipping."""
 
 from dataclasses import dataclass
-from typing import Optional
 
 import mlx.nn as nn
 
-from . import olmo
-from .core.layers import MLP, Attention, Backbone, CausalLM, PostNormDecoderLayer, make_rope, rms_norm
+from . import llama, olmo
+from .core.kinds import LayerKind
+from .core.layers import Attention, PostNormDecoderLayer
 
 
 @dataclass
@@ -39,18 +39,12 @@ class FullProjectionNormAttention(Attention):
         return q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
 
 
-class Model(CausalLM):
-    def __init__(self, args: ModelArgs):
-        super().__init__(args)
-        rope = make_rope(args.head_dim, args.rope_theta, args.rope_scaling, args.partial_rotary_factor,
-                         args.max_position_embeddings)
-        norm = rms_norm(args.hidden_size, args.rms_norm_eps)
-        layers = [
-            PostNormDecoderLayer(FullProjectionNormAttention(args, rope),
-                                 MLP(args.hidden_size, args.intermediate_size, args.hidden_act), norm,
-                                 pre_norms=False)
-            for _ in range(args.num_hidden_layers)
-        ]
-        self.model = Backbone(args.vocab_size, args.hidden_size, layers, norm())
-        if not args.tie_word_embeddings:
-            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+class Model(llama.Model):
+    """Llama's RMS norms (not OLMo's parameter-free ones), in OLMo 2's post-norm blocks."""
+
+    def attention(self, index: int, kind: LayerKind) -> Attention:
+        return FullProjectionNormAttention(self.args, self.rope)
+
+    def layer(self, index: int, kind: LayerKind) -> PostNormDecoderLayer:
+        return PostNormDecoderLayer(self.attention(index, kind), self.mlp(index), self.norm, pre_norms=False,
+                                    kind=kind)

@@ -9,35 +9,23 @@ from typing import Optional
 
 import mlx.nn as nn
 
-from .core.base import BaseModelArgs
-from .core.layers import Backbone, CausalLM, DecoderLayer, FusedGateUpMLP, FusedQKVAttention, make_rope, rms_norm
+from . import llama
+from .core.kinds import LayerKind
+from .core.layers import FusedGateUpMLP, FusedQKVAttention
 
 
 @dataclass
-class ModelArgs(BaseModelArgs):
-    model_type: str
+class ModelArgs(llama.ModelArgs):
     vocab_size: int = 32064
     hidden_size: int = 3072
     intermediate_size: int = 8192
-    num_hidden_layers: int = 32
-    num_attention_heads: int = 32
-    num_key_value_heads: Optional[int] = None
     head_dim: Optional[int] = None  # not a Phi3Config field; the attention reads it when a config has one
-    hidden_act: str = "silu"
-    max_position_embeddings: int = 4096
+    max_position_embeddings: Optional[int] = 4096
     original_max_position_embeddings: int = 4096
     rms_norm_eps: float = 1e-5
-    tie_word_embeddings: bool = False
-    rope_theta: float = 10000.0
-    rope_scaling: Optional[dict] = None
-    partial_rotary_factor: float = 1.0
-    sliding_window: Optional[int] = None
 
     def __post_init__(self):
-        if self.num_key_value_heads is None:
-            self.num_key_value_heads = self.num_attention_heads
-        if self.head_dim is None:
-            self.head_dim = self.hidden_size // self.num_attention_heads
+        super().__post_init__()
         if self.rope_scaling is not None:
             # As Phi3Config: "su" and "yarn" are older names of longrope; no other scaling is accepted.
             rope_type = self.rope_scaling.get("rope_type", "default")
@@ -49,23 +37,14 @@ class ModelArgs(BaseModelArgs):
                                  **self.rope_scaling, "rope_type": rope_type}
 
 
-class Model(CausalLM):
-    def __init__(self, args: ModelArgs):
-        super().__init__(args)
-        rope = make_rope(args.head_dim, args.rope_theta, args.rope_scaling, args.partial_rotary_factor,
-                         args.max_position_embeddings)
-        norm = rms_norm(args.hidden_size, args.rms_norm_eps)
-        layers = [
-            DecoderLayer(FusedQKVAttention(args.hidden_size, args.num_attention_heads, args.num_key_value_heads,
-                                           args.head_dim, rope, layout="blocks", bias=False,
-                                           names=("qkv_proj", "o_proj")),
-                         FusedGateUpMLP(args.hidden_size, args.intermediate_size, args.hidden_act),
-                         norm, window=args.sliding_window)
-            for _ in range(args.num_hidden_layers)
-        ]
-        self.model = Backbone(args.vocab_size, args.hidden_size, layers, norm())
-        if not args.tie_word_embeddings:
-            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+class Model(llama.Model):
+    def attention(self, index: int, kind: LayerKind) -> nn.Module:
+        a = self.args
+        return FusedQKVAttention(a.hidden_size, a.num_attention_heads, a.num_key_value_heads, a.head_dim, self.rope,
+                                 layout="blocks", bias=False, names=("qkv_proj", "o_proj"))
+
+    def mlp(self, index: int) -> nn.Module:
+        return FusedGateUpMLP(self.args.hidden_size, self.args.intermediate_size, self.args.hidden_act)
 
     def export_config(self, config: dict) -> dict:
         # mlx-lm reads longrope only from a `rope_scaling` with "type" (transformers 5 writes `rope_parameters`).

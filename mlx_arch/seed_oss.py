@@ -16,13 +16,11 @@ class ModelArgs(llama.ModelArgs):
     max_position_embeddings: Optional[int] = 524288
     attention_bias: bool = True
     attention_out_bias: bool = False
-
-    def __post_init__(self):
-        super().__post_init__()
-        self.sliding_window = None  # transformers' model has no sliding window (llama attention)
+    windowed = False
 
 
 class Model(llama.Model):
-    def attention(self, args: ModelArgs, rope) -> Attention:
-        return Attention(args.hidden_size, args.num_attention_heads, args.num_key_value_heads, args.head_dim,
-                         rope, qkv_bias=args.attention_bias, o_bias=args.attention_out_bias)
+    def attention(self, index: int, kind) -> Attention:
+        a = self.args
+        return Attention(a.hidden_size, a.num_attention_heads, a.num_key_value_heads, a.head_dim, self.rope,
+                         qkv_bias=a.attention_bias, o_bias=a.attention_out_bias)

@@ -34,8 +34,8 @@ class ModelArgs(llama.ModelArgs):
 
 
 class Model(llama.Model):
-    def __init__(self, args: ModelArgs):
-        super().__init__(args)
-        for layer, rope in zip(self.layers, args.no_rope_layers):
-            if not rope:
-                layer.self_attn.rope = None
+    def attention(self, index: int, kind):
+        attn = super().attention(index, kind)
+        if not self.args.no_rope_layers[index]:
+            attn.rope = None
+        return attn

@@ -53,6 +53,8 @@ class OffsetRMSNorm(nn.Module):
 class Attention(nn.Module):
     """Multi-head attention with GQA, optional biases, q/k norms, sliding window and logit soft-capping."""
 
+    sensitive_children = ("v_proj",)  # its error goes straight into the residual stream through o_proj
+
     def __init__(
         self,
         hidden_size: int,
@@ -107,6 +109,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """Gated MLP: down(act(gate(x)) * up(x))."""
 
+    sensitive_children = ("down_proj",)
+
     def __init__(self, hidden_size: int, intermediate_size: int, act: str = "silu", bias: bool = False):
         super().__init__()
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
@@ -121,6 +125,8 @@ class MLP(nn.Module):
 class FusedGateUpMLP(nn.Module):
     """Gated MLP whose gate and up projections stay one fused `gate_up_proj` with output [gate | up], as the
     checkpoint and mlx-lm store it (phi3, glm4): down(act(gate) * up)."""
+
+    sensitive_children = ("down_proj",)
 
     def __init__(self, hidden_size: int, intermediate_size: int, act: str = "silu", bias: bool = False):
         super().__init__()
@@ -296,6 +302,36 @@ class CausalLM(nn.Module):
 
         return apply_rules(weights, self.weight_rules())
 
+    # --- quantization hooks: the pipeline asks the model, never matches names -----------------------------------
+    def _roles(self) -> dict:
+        """Paths of the vocabulary-sized modules, of the sensitive projections (each block lists its own in
+        `sensitive_children`), and the prefix of the decoder layers; computed once (quantizing keeps paths)."""
+        if "_role_paths" not in self.__dict__:
+            modules = dict(self.named_modules())
+            by_id = {id(m): p for p, m in modules.items()}
+            head = self.lm_head if "lm_head" in self or hasattr(type(self), "lm_head") else None
+            vocab = {by_id[id(m)] for m in (self.model.embed_tokens, head) if m is not None and id(m) in by_id}
+            sensitive = {f"{p}.{name}" for p, m in modules.items() for name in getattr(m, "sensitive_children", ())}
+            first = by_id[id(self.layers[0])] if len(self.layers) else ""
+            self.__dict__["_role_paths"] = dict(vocab=vocab, sensitive=sensitive, layers=first.rsplit(".", 1)[0])
+        return self.__dict__["_role_paths"]
+
+    def is_vocab(self, path: str) -> bool:
+        """Whether `path` is the token embedding or the output head."""
+        return path in self._roles()["vocab"]
+
+    def sensitive(self, path: str) -> bool:
+        """Whether the module at `path` carries the most quantization error per bit (value and output-to-residual
+        projections): mixed recipes give it more bits in some layers."""
+        return path in self._roles()["sensitive"]
+
+    def layer_index(self, path: str):
+        """The index of the decoder layer that holds `path`, or None."""
+        prefix = self._roles()["layers"] + "."
+        if not path.startswith(prefix):
+            return None
+        return int(path[len(prefix) :].split(".", 1)[0])
+
 
 def sliding_period(layer_types: list) -> Optional[int]:
     """The n for which `layer_types` is "every n-th layer global, the rest sliding" (the integer
@@ -334,6 +370,7 @@ class DenseMLP(nn.Module):
                  names=("c_fc", "c_proj")):
         super().__init__()
         self.in_name, self.out_name = names
+        self.sensitive_children = frozenset({self.out_name})
         self[self.in_name] = nn.Linear(hidden_size, intermediate_size, bias=bias)
         self[self.out_name] = nn.Linear(intermediate_size, hidden_size, bias=bias)
         self.act = activation(act)
@@ -362,6 +399,7 @@ class FusedQKVAttention(nn.Module):
         self.scale = scale if scale is not None else head_dim**-0.5
         self.softcap = None
         self.qkv_name, self.out_name = names
+        self.sensitive_children = frozenset({self.qkv_name})  # holds the values
         self[self.qkv_name] = nn.Linear(hidden_size, (n_heads + 2 * n_kv_heads) * head_dim, bias=bias)
         self[self.out_name] = nn.Linear(n_heads * head_dim, hidden_size, bias=bias)
         self.rope = rope

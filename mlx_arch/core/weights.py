@@ -233,10 +233,9 @@ def _split(v, sizes, axis, interleave):
     # Slices of `interleave` entries of each part in turn: view the axis as (blocks, parts, interleave).
     if len(set(sizes)) != 1 or sizes[0] % interleave:
         raise ValueError("an interleaved split needs equal parts, each a multiple of the interleave width")
-    axis = axis % v.ndim
-    shape = v.shape[:axis] + [sizes[0] // interleave, len(sizes), interleave] + v.shape[axis + 1 :]
-    blocks = v.reshape(shape)
-    return [mx.take(blocks, i, axis=axis + 1).reshape(v.shape[:axis] + [sizes[0]] + v.shape[axis + 1 :])
+    axis, shape = axis % v.ndim, list(v.shape)
+    blocks = v.reshape(shape[:axis] + [sizes[0] // interleave, len(sizes), interleave] + shape[axis + 1 :])
+    return [mx.take(blocks, i, axis=axis + 1).reshape(shape[:axis] + [sizes[0]] + shape[axis + 1 :])
             for i in range(len(sizes))]
 
 
@@ -275,12 +274,11 @@ class Concat(Op):
 def _concat(tensors, axis, interleave):
     if interleave is None:
         return mx.concatenate(tensors, axis=axis)
-    v = tensors[0]
-    axis = axis % v.ndim
-    blocked = [t.reshape(t.shape[:axis] + [t.shape[axis] // interleave, 1, interleave] + t.shape[axis + 1 :])
+    axis, shape = axis % tensors[0].ndim, list(tensors[0].shape)
+    blocked = [t.reshape(shape[:axis] + [shape[axis] // interleave, 1, interleave] + shape[axis + 1 :])
                for t in tensors]
     joined = mx.concatenate(blocked, axis=axis + 1)
-    return joined.reshape(v.shape[:axis] + [v.shape[axis] * len(tensors)] + v.shape[axis + 1 :])
+    return joined.reshape(shape[:axis] + [shape[axis] * len(tensors)] + shape[axis + 1 :])
 
 
 class Stack(Op):
