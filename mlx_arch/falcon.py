@@ -7,13 +7,15 @@ weights keep transformers' names.
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from .core.base import BaseModelArgs, create_causal_mask
-from .core.layers import CausalLM, DenseMLP, FusedQKVAttention, NamedBackbone, ResidualBlock, layer_norm, make_rope
+from .core.kinds import LayerKind
+from .core.layers import CausalLM, DenseMLP, FusedQKVAttention, NamedBackbone, ResidualBlock, make_rope
 
 
 @dataclass
@@ -68,47 +70,58 @@ def alibi_slopes(n_heads: int) -> mx.array:
 
 
 class Model(CausalLM):
-    model = property(lambda self: self.transformer)
+    backbone_name = "transformer"
 
-    def __init__(self, args: ModelArgs):
-        super().__init__(args)
-        dims, heads = args.hidden_size, args.num_attention_heads
-        self.head_dim = dims // heads
-        rope = None if args.alibi else make_rope(self.head_dim, args.rope_theta, args.rope_scaling, 1.0,
-                                                 args.max_position_embeddings)
-        if args.new_decoder_architecture:
-            n_kv, layout = args.num_kv_heads, "groups"
+    @property
+    def head_dim(self) -> int:
+        return self.args.hidden_size // self.args.num_attention_heads
+
+    def norm(self) -> nn.Module:
+        return nn.LayerNorm(self.args.hidden_size, eps=self.args.layer_norm_epsilon)
+
+    @cached_property
+    def rope(self):
+        a = self.args
+        return None if a.alibi else make_rope(self.head_dim, a.rope_theta, a.rope_scaling, 1.0,
+                                              a.max_position_embeddings)
+
+    @cached_property
+    def slopes(self):
+        return alibi_slopes(self.args.num_attention_heads) if self.args.alibi else None
+
+    def attention(self, index: int, kind: LayerKind) -> nn.Module:
+        a = self.args
+        if a.new_decoder_architecture:
+            n_kv, layout = a.num_kv_heads, "groups"
         else:
-            n_kv, layout = (1, "blocks") if args.multi_query else (heads, "heads")
-        if not args.parallel_attn:
+            n_kv, layout = (1, "blocks") if a.multi_query else (a.num_attention_heads, "heads")
+        return FusedQKVAttention(a.hidden_size, a.num_attention_heads, n_kv, self.head_dim, self.rope, layout=layout,
+                                 bias=a.bias, names=("query_key_value", "dense"))
+
+    def layer(self, index: int, kind: LayerKind) -> nn.Module:
+        a = self.args
+        if not a.parallel_attn:
             norms = ("input_layernorm", "post_attention_layernorm")
         else:
-            norms = ("ln_attn", "ln_mlp") if args.num_ln_in_parallel_attn == 2 else ("input_layernorm",)
-        norm = layer_norm(dims, args.layer_norm_epsilon)
-        layers = [
-            ResidualBlock(
-                FusedQKVAttention(dims, heads, n_kv, self.head_dim, rope, layout=layout, bias=args.bias,
-                                  names=("query_key_value", "dense")),
-                DenseMLP(dims, args.ffn_hidden_size, args.activation, bias=args.bias,
-                         names=("dense_h_to_4h", "dense_4h_to_h")),
-                norm, norms=norms, parallel=args.parallel_attn, names=("self_attention", "mlp"))
-            for _ in range(args.num_hidden_layers)
-        ]
-        self.transformer = NamedBackbone(args.vocab_size, dims, layers, norm(), names=("word_embeddings", "h", "ln_f"))
-        if not args.tie_word_embeddings:
-            self.lm_head = nn.Linear(dims, args.vocab_size, bias=False)
-        self._slopes = alibi_slopes(heads) if args.alibi else None
+            norms = ("ln_attn", "ln_mlp") if a.num_ln_in_parallel_attn == 2 else ("input_layernorm",)
+        mlp = DenseMLP(a.hidden_size, a.ffn_hidden_size, a.activation, bias=a.bias,
+                       names=("dense_h_to_4h", "dense_4h_to_h"))
+        return ResidualBlock(self.attention(index, kind), mlp, self.norm, norms=norms, parallel=a.parallel_attn,
+                             names=("self_attention", "mlp"), kind=kind)
 
-    def masks(self, h, cache=None):
-        masks = super().masks(h, cache)
-        if self._slopes is None:
+    def backbone(self, layers: list) -> nn.Module:
+        return NamedBackbone(self.args.vocab_size, self.args.hidden_size, layers, self.norm(),
+                             names=("word_embeddings", "h", "ln_f"))
+
+    def masks(self, h, cache=None, offset: int = 0, kinds=None):
+        masks = super().masks(h, cache, offset, kinds)
+        if self.slopes is None:
             return masks
         # ALiBi: an additive bias slope_h * key_position (rounded to bfloat16, as transformers computes it), scaled
         # like the scores; shift-invariant per query, so absolute key positions serve for cached decoding too.
         L = h.shape[1]
-        offset = cache[0].offset if cache and cache[0] is not None else 0
         positions = mx.arange(offset + L).astype(mx.bfloat16)
-        bias = (self._slopes.astype(mx.bfloat16)[:, None] * positions[None]).astype(mx.float32)
+        bias = (self.slopes.astype(mx.bfloat16)[:, None] * positions[None]).astype(mx.float32)
         bias = (bias / math.sqrt(self.head_dim))[:, None, :].astype(h.dtype)
         allowed = masks[0]
         if isinstance(allowed, str):

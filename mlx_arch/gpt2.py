@@ -11,8 +11,9 @@ from typing import Optional
 import mlx.nn as nn
 
 from .core.base import BaseModelArgs
-from .core.layers import CausalLM, DenseMLP, FusedQKVAttention, NamedBackbone, ResidualBlock, add_positions, layer_norm
-from .core.weights import rename, rename_with
+from .core.kinds import LayerKind
+from .core.layers import CausalLM, DenseMLP, FusedQKVAttention, NamedBackbone, ResidualBlock, add_positions
+from .core.weights import Alias, Rename, Transpose
 
 
 @dataclass
@@ -37,43 +38,48 @@ class ModelArgs(BaseModelArgs):
         if self.n_inner is None:
             self.n_inner = 4 * self.n_embd
 
+    # The scaffold's names for GPT-2's fields.
+    hidden_size = property(lambda self: self.n_embd)
+    num_hidden_layers = property(lambda self: self.n_layer)
+
 
 class Model(CausalLM):
-    backbone = "model"  # where the backbone's weights live (mlx-lm's name)
+    # Conv1D weights and the names of GPT-2 checkpoints -> mlx-lm's gpt2 layout (gpt_bigcode has none of it).
+    checkpoint_layout = (
+        Alias({p: "transformer." + p for p in ("h.", "wte.", "wpe.", "ln_f.")}),  # the original exports' bare names
+        Transpose("transformer.h.{i}.attn.c_attn.weight", "transformer.h.{i}.attn.c_proj.weight",  # Conv1D: (in, out)
+                  "transformer.h.{i}.mlp.c_fc.weight", "transformer.h.{i}.mlp.c_proj.weight"),
+        Rename({"transformer.": "model."}),
+    )
 
-    def __init__(self, args: ModelArgs):
-        super().__init__(args)
-        norm = layer_norm(args.n_embd, args.layer_norm_epsilon)
-        layers = [
-            ResidualBlock(self.attention(args, i),
-                          DenseMLP(args.n_embd, args.n_inner, args.activation_function, names=("c_fc", "c_proj")),
-                          norm, norms=("ln_1", "ln_2"), names=("attn", "mlp"))
-            for i in range(args.n_layer)
-        ]
-        wpe = nn.Embedding(args.n_positions, args.n_embd)
-        self[self.backbone] = NamedBackbone(args.vocab_size, args.n_embd, layers, norm(), names=("wte", "h", "ln_f"),
-                                            extra={"wpe": wpe})
-        if not args.tie_word_embeddings:
-            self.lm_head = nn.Linear(args.n_embd, args.vocab_size, bias=False)
+    def norm(self) -> nn.Module:
+        return nn.LayerNorm(self.args.n_embd, eps=self.args.layer_norm_epsilon)
+
+    def attention(self, index: int, kind: LayerKind) -> nn.Module:
+        a = self.args
+        head_dim = a.n_embd // a.n_head
+        scale = head_dim**-0.5 if a.scale_attn_weights else 1.0
+        if a.scale_attn_by_inverse_layer_idx:
+            scale /= index + 1
+        return FusedQKVAttention(a.n_embd, a.n_head, a.n_head, head_dim, None, layout="blocks",
+                                 names=("c_attn", "c_proj"), scale=scale)
+
+    def layer(self, index: int, kind: LayerKind) -> nn.Module:
+        mlp = DenseMLP(self.args.n_embd, self.args.n_inner, self.args.activation_function, names=("c_fc", "c_proj"))
+        return ResidualBlock(self.attention(index, kind), mlp, self.norm, norms=("ln_1", "ln_2"),
+                             names=("attn", "mlp"), kind=kind)
+
+    def backbone(self, layers: list) -> nn.Module:
+        a = self.args
+        return NamedBackbone(a.vocab_size, a.n_embd, layers, self.norm(), names=("wte", "h", "ln_f"),
+                             extra={"wpe": nn.Embedding(a.n_positions, a.n_embd)})
+
+    def embed(self, inputs, offset: int = 0):
+        return add_positions(super().embed(inputs, offset), self.model.wpe, offset)
 
     def export_config(self, config: dict) -> dict:
         # mlx-lm requires `n_ctx` (transformers 5 dropped it) and an explicit `n_inner`.
         return {**config, "n_ctx": config.get("n_ctx") or self.args.n_positions, "n_inner": self.args.n_inner}
 
-    def attention(self, args: ModelArgs, index: int) -> FusedQKVAttention:
-        head_dim = args.n_embd // args.n_head
-        scale = head_dim**-0.5 if args.scale_attn_weights else 1.0
-        if args.scale_attn_by_inverse_layer_idx:
-            scale /= index + 1
-        return FusedQKVAttention(args.n_embd, args.n_head, args.n_head, head_dim, None, layout="blocks",
-                                 names=("c_attn", "c_proj"), scale=scale)
-
-    def embed(self, inputs, cache=None):
-        return add_positions(super().embed(inputs, cache), self.model.wpe, cache)
-
     def weight_rules(self):
-        conv1d = r"^(?:transformer\.)?(h\.\d+\.(?:attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight)$"
-        return super().weight_rules() + [
-            rename_with(conv1d, r"model.\1", lambda w: w.T),
-            rename(r"^(?:transformer\.)?(?=(?:wte|wpe|h|ln_f)\.)", "model."),
-        ]
+        return super().weight_rules() + list(self.checkpoint_layout)

@@ -4,8 +4,11 @@ transformers' own `transformer.` names (as mlx-lm's gpt_bigcode does)."""
 
 from dataclasses import dataclass
 
+import mlx.nn as nn
+
 from . import gpt2
-from .core.layers import CausalLM, FusedQKVAttention
+from .core.kinds import LayerKind
+from .core.layers import FusedQKVAttention
 
 
 @dataclass
@@ -15,15 +18,13 @@ class ModelArgs(gpt2.ModelArgs):
 
 
 class Model(gpt2.Model):
-    backbone = "transformer"
-    model = property(lambda self: self.transformer)
+    checkpoint_layout = ()  # nn.Linear under transformers' names: none of GPT-2's transposes and renames
+    backbone_name = "transformer"
 
-    def attention(self, args: ModelArgs, index: int) -> FusedQKVAttention:
-        head_dim = args.n_embd // args.n_head
+    def attention(self, index: int, kind: LayerKind) -> nn.Module:
+        a = self.args
+        head_dim = a.n_embd // a.n_head
         # Multi-query: [q | k | v] with one KV head; otherwise q, k, v interleaved per head.
-        n_kv, layout = (1, "blocks") if args.multi_query else (args.n_head, "heads")
-        return FusedQKVAttention(args.n_embd, args.n_head, n_kv, head_dim, None, layout=layout,
-                                 names=("c_attn", "c_proj"), scale=head_dim**-0.5 if args.scale_attn_weights else 1.0)
-
-    def weight_rules(self):
-        return CausalLM.weight_rules(self)  # nn.Linear under transformers' names: none of GPT-2's renames
+        n_kv, layout = (1, "blocks") if a.multi_query else (a.n_head, "heads")
+        return FusedQKVAttention(a.n_embd, a.n_head, n_kv, head_dim, None, layout=layout,
+                                 names=("c_attn", "c_proj"), scale=head_dim**-0.5 if a.scale_attn_weights else 1.0)

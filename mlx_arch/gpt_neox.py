@@ -6,13 +6,15 @@ mlx-lm keeps the layers as `model.h` and the untied output layer inside the back
 """
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Optional
 
 import mlx.nn as nn
 
 from .core.base import BaseModelArgs
-from .core.layers import CausalLM, DenseMLP, FusedQKVAttention, NamedBackbone, ResidualBlock, layer_norm, make_rope
-from .core.weights import drop, rename
+from .core.kinds import LayerKind
+from .core.layers import CausalLM, DenseMLP, FusedQKVAttention, NamedBackbone, ResidualBlock, make_rope
+from .core.weights import Drop, Rename
 
 # transformers-4 names that GPTNeoXConfig still reads (rope_scaling / rope_parameters entries take precedence).
 _RENAMED = {"rotary_emb_base": "rope_theta", "rotary_pct": "partial_rotary_factor"}
@@ -46,38 +48,48 @@ class ModelArgs(BaseModelArgs):
 
 
 class Model(CausalLM):
-    def __init__(self, args: ModelArgs):
-        super().__init__(args)
-        dims, heads = args.hidden_size, args.num_attention_heads
-        head_dim = dims // heads
-        rope = make_rope(head_dim, args.rope_theta, args.rope_scaling, args.partial_rotary_factor,
-                         args.max_position_embeddings)
-        norm = layer_norm(dims, args.layer_norm_eps)
-        layers = [
-            ResidualBlock(
-                FusedQKVAttention(dims, heads, heads, head_dim, rope, layout="heads", bias=args.attention_bias,
-                                  names=("query_key_value", "dense")),
-                DenseMLP(dims, args.intermediate_size, args.hidden_act, names=("dense_h_to_4h", "dense_4h_to_h")),
-                norm, parallel=args.use_parallel_residual, names=("attention", "mlp"))
-            for _ in range(args.num_hidden_layers)
-        ]
-        extra = {} if args.tie_word_embeddings else {"embed_out": nn.Linear(dims, args.vocab_size, bias=False)}
-        self.model = NamedBackbone(args.vocab_size, dims, layers, norm(), names=("embed_in", "h", "final_layer_norm"),
-                                   extra=extra)
+    def place_head(self, head):
+        if head is not None:  # mlx-lm's layout: the untied head inside the backbone
+            self.model.embed_out = head
 
     @property
     def lm_head(self):
-        return self.model.embed_out
+        return self.model.get("embed_out")  # None when tied
+
+    def norm(self) -> nn.Module:
+        return nn.LayerNorm(self.args.hidden_size, eps=self.args.layer_norm_eps)
+
+    @cached_property
+    def rope(self):
+        a = self.args
+        return make_rope(a.hidden_size // a.num_attention_heads, a.rope_theta, a.rope_scaling,
+                         a.partial_rotary_factor, a.max_position_embeddings)
+
+    def layer(self, index: int, kind: LayerKind) -> nn.Module:
+        a = self.args
+        dims, heads = a.hidden_size, a.num_attention_heads
+        attn = FusedQKVAttention(dims, heads, heads, dims // heads, self.rope, layout="heads", bias=a.attention_bias,
+                                 names=("query_key_value", "dense"))
+        mlp = DenseMLP(dims, a.intermediate_size, a.hidden_act, names=("dense_h_to_4h", "dense_4h_to_h"))
+        return ResidualBlock(attn, mlp, self.norm, parallel=a.use_parallel_residual, names=("attention", "mlp"),
+                             kind=kind)
+
+    def backbone(self, layers: list) -> nn.Module:
+        return NamedBackbone(self.args.vocab_size, self.args.hidden_size, layers, self.norm(),
+                             names=("embed_in", "h", "final_layer_norm"))
 
     def export_config(self, config: dict) -> dict:
         # mlx-lm reads only the transformers-4 names of the RoPE settings.
         return {**config, "rotary_emb_base": self.args.rope_theta, "rotary_pct": self.args.partial_rotary_factor}
 
     def weight_rules(self):
-        rules = super().weight_rules() + [
-            drop(r"\.attention\.(masked_)?bias$"),  # causal-mask buffers of older checkpoints
-            rename(r"^gpt_neox\.layers\.", "model.h."),
-            rename(r"^gpt_neox\.", "model."),
-            rename(r"^embed_out\.", "model.embed_out."),
-        ]
-        return rules + [drop(r"^model\.embed_out\.")] if self.args.tie_word_embeddings else rules
+        # Drops first, under the checkpoint's names; then renames into mlx-lm's layout.
+        drops = [Drop("{*}attention.bias", "{*}attention.masked_bias", why="causal-mask buffers of old checkpoints")]
+        if self.args.tie_word_embeddings:
+            drops.append(Drop("embed_out.weight", why="tied to the embeddings"))
+        return super().weight_rules() + drops + [Rename({
+            "gpt_neox.layers.": "model.h.",
+            "gpt_neox.embed_in.": "model.embed_in.",
+            "gpt_neox.final_layer_norm.": "model.final_layer_norm.",
+            "embed_out.": "model.embed_out.",
+        })]

@@ -3,14 +3,15 @@ one LayerNorm feeding attention and MLP in parallel, biases everywhere (includin
 named `dense`, and optional LayerNorm on queries and keys (`qk_layernorm`)."""
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from .core.base import BaseModelArgs
-from .core.layers import Attention, CausalLM, DenseMLP, NamedBackbone, ResidualBlock, layer_norm, make_rope
-from .core.weights import tie_head
+from .core.kinds import LayerKind
+from .core.layers import Attention, CausalLM, DenseMLP, NamedBackbone, ResidualBlock, make_rope
 
 
 @dataclass
@@ -65,31 +66,31 @@ class HeadBias(nn.Module):
 
 
 class Model(CausalLM):
-    def __init__(self, args: ModelArgs):
-        super().__init__(args)
-        rope = make_rope(args.hidden_size // args.num_attention_heads, args.rope_theta, args.rope_scaling,
-                         args.partial_rotary_factor, args.max_position_embeddings)
-        norm = layer_norm(args.hidden_size, args.layer_norm_eps)
-        layers = [
-            ResidualBlock(PhiAttention(args, rope),
-                          DenseMLP(args.hidden_size, args.intermediate_size, args.hidden_act, names=("fc1", "fc2")),
-                          norm, norms=("input_layernorm",), parallel=True)
-            for _ in range(args.num_hidden_layers)
-        ]
-        self.model = NamedBackbone(args.vocab_size, args.hidden_size, layers, norm(),
-                                   names=("embed_tokens", "layers", "final_layernorm"))
-        if args.tie_word_embeddings:
-            self.lm_head = HeadBias(args.vocab_size)
-        else:
-            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=True)
+    def norm(self) -> nn.Module:
+        return nn.LayerNorm(self.args.hidden_size, eps=self.args.layer_norm_eps)
+
+    @cached_property
+    def rope(self):
+        a = self.args
+        return make_rope(a.hidden_size // a.num_attention_heads, a.rope_theta, a.rope_scaling,
+                         a.partial_rotary_factor, a.max_position_embeddings)
+
+    def layer(self, index: int, kind: LayerKind) -> nn.Module:
+        a = self.args
+        mlp = DenseMLP(a.hidden_size, a.intermediate_size, a.hidden_act, names=("fc1", "fc2"))
+        return ResidualBlock(PhiAttention(a, self.rope), mlp, self.norm, norms=("input_layernorm",), parallel=True,
+                             kind=kind)
+
+    def backbone(self, layers: list) -> nn.Module:
+        return NamedBackbone(self.args.vocab_size, self.args.hidden_size, layers, self.norm(),
+                             names=("embed_tokens", "layers", "final_layernorm"))
+
+    def output_head(self) -> nn.Module:
+        # Tied, only the head's weight is shared (the default rules drop just `lm_head.weight`): keep its bias.
+        if self.args.tie_word_embeddings:
+            return HeadBias(self.args.vocab_size)
+        return nn.Linear(self.args.hidden_size, self.args.vocab_size, bias=True)
 
     def head(self, h):
         logits = super().head(h)
         return logits + self.lm_head.bias if self.args.tie_word_embeddings else logits
-
-    def weight_rules(self):
-        rules = super().weight_rules()
-        if self.args.tie_word_embeddings:
-            # Only the head's weight is tied; replace the generic tie rule (last) so `lm_head.bias` stays.
-            rules = rules[:-1] + [tie_head("lm_head.weight")]
-        return rules

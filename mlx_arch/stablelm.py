@@ -8,29 +8,24 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from .core.base import BaseModelArgs
-from .core.layers import MLP, Attention, Backbone, CausalLM, DecoderLayer, ResidualBlock, layer_norm, make_rope
+from . import llama
+from .core.kinds import LayerKind
+from .core.layers import Attention, ResidualBlock
 
 
 @dataclass
-class ModelArgs(BaseModelArgs):
-    model_type: str
+class ModelArgs(llama.ModelArgs):
     vocab_size: int = 50304
     intermediate_size: int = 6912
     hidden_size: int = 2560
-    num_hidden_layers: int = 32
-    num_attention_heads: int = 32
-    num_key_value_heads: int = 32
-    hidden_act: str = "silu"
-    max_position_embeddings: int = 4096
+    num_key_value_heads: Optional[int] = 32
+    max_position_embeddings: Optional[int] = 4096
     layer_norm_eps: float = 1e-5
-    tie_word_embeddings: bool = False
     use_qkv_bias: bool = False
     qk_layernorm: bool = False
     use_parallel_residual: bool = False
-    rope_theta: float = 10000.0
-    rope_scaling: Optional[dict] = None
     partial_rotary_factor: float = 0.25
+    windowed = False
 
 
 class PerHeadLayerNorm(nn.Module):
@@ -48,12 +43,11 @@ class PerHeadLayerNorm(nn.Module):
 
 class StableLmAttention(Attention):
     def __init__(self, args: ModelArgs, rope):
-        head_dim = args.hidden_size // args.num_attention_heads
-        super().__init__(args.hidden_size, args.num_attention_heads, args.num_key_value_heads, head_dim, rope,
+        super().__init__(args.hidden_size, args.num_attention_heads, args.num_key_value_heads, args.head_dim, rope,
                          qkv_bias=args.use_qkv_bias, o_bias=False)
         if args.qk_layernorm:
-            self.q_layernorm = PerHeadLayerNorm(head_dim, args.num_attention_heads, args.layer_norm_eps)
-            self.k_layernorm = PerHeadLayerNorm(head_dim, args.num_key_value_heads, args.layer_norm_eps)
+            self.q_layernorm = PerHeadLayerNorm(args.head_dim, args.num_attention_heads, args.layer_norm_eps)
+            self.k_layernorm = PerHeadLayerNorm(args.head_dim, args.num_key_value_heads, args.layer_norm_eps)
 
     def project(self, x):
         q, k, v = super().project(x)
@@ -62,21 +56,15 @@ class StableLmAttention(Attention):
         return q, k, v
 
 
-class Model(CausalLM):
-    def __init__(self, args: ModelArgs):
-        super().__init__(args)
-        rope = make_rope(args.hidden_size // args.num_attention_heads, args.rope_theta, args.rope_scaling,
-                         args.partial_rotary_factor, args.max_position_embeddings)
-        norm = layer_norm(args.hidden_size, args.layer_norm_eps)
+class Model(llama.Model):
+    def norm(self) -> nn.Module:
+        return nn.LayerNorm(self.args.hidden_size, eps=self.args.layer_norm_eps)
 
-        def layer():
-            attn = StableLmAttention(args, rope)
-            mlp = MLP(args.hidden_size, args.intermediate_size, args.hidden_act)
-            if args.use_parallel_residual:  # no post-attention norm: the input norm feeds both
-                return ResidualBlock(attn, mlp, norm, norms=("input_layernorm",), parallel=True)
-            return DecoderLayer(attn, mlp, norm)
+    def attention(self, index: int, kind: LayerKind) -> nn.Module:
+        return StableLmAttention(self.args, self.rope)
 
-        self.model = Backbone(args.vocab_size, args.hidden_size, [layer() for _ in range(args.num_hidden_layers)],
-                              norm())
-        if not args.tie_word_embeddings:
-            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+    def layer(self, index: int, kind: LayerKind) -> nn.Module:
+        if self.args.use_parallel_residual:  # no post-attention norm: the input norm feeds both
+            return ResidualBlock(self.attention(index, kind), self.mlp(index), self.norm, norms=("input_layernorm",),
+                                 parallel=True, kind=kind)
+        return super().layer(index, kind)

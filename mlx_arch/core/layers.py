@@ -207,15 +207,19 @@ class CausalLM(nn.Module):
     embed_scale: float = 1.0
     logit_scale: float = 1.0
     final_softcap: Optional[float] = None
+    backbone_name = "model"  # where the backbone's weights live (`transformer` in gpt_bigcode and falcon)
 
     def __init__(self, args):
         super().__init__()
         self.args = args
         self.model_type = args.model_type
         kinds = self.layer_kinds()
-        self.model = self.backbone([self.layer(i, kind) for i, kind in enumerate(kinds)])
-        if not self.args.tie_word_embeddings:
-            self.lm_head = self.output_head()
+        self[self.backbone_name] = self.backbone([self.layer(i, kind) for i, kind in enumerate(kinds)])
+        self.place_head(self.output_head())
+
+    @property
+    def model(self) -> nn.Module:
+        return self[self.backbone_name]
 
     # --- construction hooks ------------------------------------------------------------------------------------
     def layer_kinds(self) -> list:
@@ -234,8 +238,16 @@ class CausalLM(nn.Module):
     def backbone(self, layers: list) -> nn.Module:
         return Backbone(self.args.vocab_size, self.args.hidden_size, layers, self.norm())
 
-    def output_head(self) -> nn.Module:
+    def output_head(self) -> Optional[nn.Module]:
+        """The head's own module: a Linear, or None when tied to the embeddings."""
+        if self.args.tie_word_embeddings:
+            return None
         return nn.Linear(self.args.hidden_size, self.args.vocab_size, bias=False)
+
+    def place_head(self, head: Optional[nn.Module]):
+        """Where the head's weights live (`lm_head`; gpt_neox keeps it in the backbone)."""
+        if head is not None:
+            self.lm_head = head
 
     # --- forward -----------------------------------------------------------------------------------------------
     @property
@@ -292,7 +304,7 @@ class CausalLM(nn.Module):
         families extend the list. `sanitize` applies them; `inverse(rules)` maps our weights back."""
         from .weights import Drop
 
-        rules = [Drop("{*}rotary_emb.inv_freq", "{*}.attn.masked_bias", "{*}.attn.bias", why="buffers")]
+        rules = [Drop("{*}rotary_emb.inv_freq", "{*}attn.masked_bias", "{*}attn.bias", why="buffers")]
         if getattr(self.args, "tie_word_embeddings", False):
             rules.append(Drop("lm_head.weight", why="tied to the embeddings"))
         return rules
