@@ -6,14 +6,13 @@ mlx-lm keeps the layers as `model.h` and the untied output layer inside the back
 """
 
 from dataclasses import dataclass
-from functools import cached_property
 from typing import Optional
 
 import mlx.nn as nn
 
 from .core.base import BaseModelArgs
 from .core.kinds import LayerKind
-from .core.layers import CausalLM, DenseMLP, FusedQKVAttention, NamedBackbone, ResidualBlock, make_rope
+from .core.layers import CausalLM, DenseMLP, FusedQKVAttention, NamedBackbone, ResidualBlock
 from .core.weights import Drop, Rename
 
 # transformers-4 names that GPTNeoXConfig still reads (rope_scaling / rope_parameters entries take precedence).
@@ -58,12 +57,6 @@ class Model(CausalLM):
 
     def norm(self) -> nn.Module:
         return nn.LayerNorm(self.args.hidden_size, eps=self.args.layer_norm_eps)
-
-    @cached_property
-    def rope(self):
-        a = self.args
-        return make_rope(a.hidden_size // a.num_attention_heads, a.rope_theta, a.rope_scaling,
-                         a.partial_rotary_factor, a.max_position_embeddings)
 
     def layer(self, index: int, kind: LayerKind) -> nn.Module:
         a = self.args

@@ -8,14 +8,13 @@ Families that differ from llama in a part override one hook: `norm()`, `rope()`,
 """
 
 from dataclasses import dataclass
-from functools import cached_property
 from typing import Optional
 
 import mlx.nn as nn
 
 from .core.base import BaseModelArgs
 from .core.kinds import LayerKind
-from .core.layers import MLP, Attention, CausalLM, DecoderLayer, default_head_dim, make_rope
+from .core.layers import MLP, Attention, CausalLM, DecoderLayer, default_head_dim
 
 
 @dataclass
@@ -52,17 +51,8 @@ class ModelArgs(BaseModelArgs):
 
 
 class Model(CausalLM):
-    rope_traditional = False  # rotate interleaved pairs (GLM, Cohere, ERNIE) instead of halves
-
     def norm(self) -> nn.Module:
         return nn.RMSNorm(self.args.hidden_size, eps=self.args.rms_norm_eps)
-
-    @cached_property
-    def rope(self):
-        """One RoPE module shared by every layer."""
-        a = self.args
-        return make_rope(a.head_dim, a.rope_theta, a.rope_scaling, a.partial_rotary_factor, a.max_position_embeddings,
-                         traditional=self.rope_traditional)
 
     def attention(self, index: int, kind: LayerKind) -> nn.Module:
         a = self.args

@@ -3,7 +3,6 @@ one LayerNorm feeding attention and MLP in parallel, biases everywhere (includin
 named `dense`, and optional LayerNorm on queries and keys (`qk_layernorm`)."""
 
 from dataclasses import dataclass
-from functools import cached_property
 from typing import Optional
 
 import mlx.core as mx
@@ -11,7 +10,7 @@ import mlx.nn as nn
 
 from .core.base import BaseModelArgs
 from .core.kinds import LayerKind
-from .core.layers import Attention, CausalLM, DenseMLP, NamedBackbone, ResidualBlock, make_rope
+from .core.layers import Attention, CausalLM, DenseMLP, NamedBackbone, ResidualBlock
 
 
 @dataclass
@@ -68,12 +67,6 @@ class HeadBias(nn.Module):
 class Model(CausalLM):
     def norm(self) -> nn.Module:
         return nn.LayerNorm(self.args.hidden_size, eps=self.args.layer_norm_eps)
-
-    @cached_property
-    def rope(self):
-        a = self.args
-        return make_rope(a.hidden_size // a.num_attention_heads, a.rope_theta, a.rope_scaling,
-                         a.partial_rotary_factor, a.max_position_embeddings)
 
     def layer(self, index: int, kind: LayerKind) -> nn.Module:
         a = self.args

@@ -4,6 +4,7 @@ Module names follow the Hugging Face modules (`self_attn.q_proj`, `mlp.down_proj
 checkpoint keys map one to one and `sanitize` only handles real layout differences.
 """
 
+from functools import cached_property
 from typing import Callable, Optional
 
 import mlx.core as mx
@@ -234,6 +235,15 @@ class CausalLM(nn.Module):
     def norm(self) -> nn.Module:
         """A new instance of the family's normalisation layer."""
         raise NotImplementedError(f"{type(self).__name__} must define norm()")
+
+    rope_traditional = False  # rotate interleaved pairs (GLM, Cohere, ERNIE) instead of halves
+
+    @cached_property
+    def rope(self):
+        """One RoPE module shared by every layer, from the config's RoPE fields."""
+        a = self.args
+        return make_rope(default_head_dim(a), a.rope_theta, a.rope_scaling, getattr(a, "partial_rotary_factor", 1.0),
+                         getattr(a, "max_position_embeddings", None), traditional=self.rope_traditional)
 
     def backbone(self, layers: list) -> nn.Module:
         return Backbone(self.args.vocab_size, self.args.hidden_size, layers, self.norm())

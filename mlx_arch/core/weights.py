@@ -196,7 +196,26 @@ def _groups(w: Weights, regex: re.Pattern, exclude: str = None) -> Dict[tuple, D
     return groups
 
 
-class Split(Op):
+class _Expand(Op):
+    """One matching key becomes several: subclasses give `pieces(key, value, placeholders)`."""
+
+    regex: re.Pattern
+
+    def pieces(self, key, value, values: dict) -> list:
+        raise NotImplementedError
+
+    def apply(self, w):
+        out = {}
+        for k, v in w.items():
+            m = self.regex.match(k)
+            if not m:
+                out[k] = v
+                continue
+            out.update(self.pieces(k, v, m.groupdict()))
+        return out
+
+
+class Split(_Expand):
     """Split a fused tensor into parts along `axis` (`qkv_proj` -> q/k/v, `gate_up_proj` -> gate/up).
 
     `sizes` are the parts' sizes along the axis, in `targets` order; with `interleave`, the fused axis holds
@@ -209,18 +228,11 @@ class Split(Op):
         self.source, self.targets, self.sizes, self.axis, self.interleave = source, list(targets), list(sizes), axis, interleave
         self.regex = template(source)
 
-    def apply(self, w):
-        out = {}
-        for k, v in w.items():
-            m = self.regex.match(k)
-            if not m:
-                out[k] = v
-                continue
-            if v.shape[self.axis] != sum(self.sizes):
-                raise ValueError(f"{k}: axis {self.axis} has {v.shape[self.axis]} entries, expected {sum(self.sizes)}")
-            for target, part in zip(self.targets, _split(v, self.sizes, self.axis, self.interleave)):
-                out[fill(target, **m.groupdict())] = part
-        return out
+    def pieces(self, k, v, values):
+        if v.shape[self.axis] != sum(self.sizes):
+            raise ValueError(f"{k}: axis {self.axis} has {v.shape[self.axis]} entries, expected {sum(self.sizes)}")
+        parts = _split(v, self.sizes, self.axis, self.interleave)
+        return [(fill(target, **values), part) for target, part in zip(self.targets, parts)]
 
     def inverse(self):
         return Concat(self.targets, self.source, self.axis, self.interleave, sizes=self.sizes)
@@ -309,25 +321,17 @@ class Stack(Op):
         return Unstack(self.target, self.source, self.count)
 
 
-class Unstack(Op):
+class Unstack(_Expand):
     """Split a stacked (n, ...) tensor back into per-expert tensors (the inverse of Stack)."""
 
     def __init__(self, source: str, target: str, count: int):
         self.source, self.target, self.count = source, target, count
         self.regex = template(source)
 
-    def apply(self, w):
-        out = {}
-        for k, v in w.items():
-            m = self.regex.match(k)
-            if not m:
-                out[k] = v
-                continue
-            if v.shape[0] != self.count:
-                raise ValueError(f"{k}: {v.shape[0]} experts stacked, expected {self.count}")
-            for e in range(self.count):
-                out[fill(self.target, e=e, **m.groupdict())] = v[e]
-        return out
+    def pieces(self, k, v, values):
+        if v.shape[0] != self.count:
+            raise ValueError(f"{k}: {v.shape[0]} experts stacked, expected {self.count}")
+        return [(fill(self.target, e=e, **values), v[e]) for e in range(self.count)]
 
     def inverse(self):
         return Stack(self.target, self.source, self.count)
