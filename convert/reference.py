@@ -3,6 +3,8 @@ from the checkpoint just before it runs and released right after, so that a mode
 compared layer by layer."""
 
 import contextlib
+import copy
+import functools
 import json
 import re
 from pathlib import Path
@@ -190,6 +192,103 @@ def transformers_renames(model) -> list:
     return renames
 
 
+def _read(reader, key):
+    # float32 before converting, as transformers casts each source tensor to the parameter's dtype first
+    return reader.get(key).float()
+
+
+def _literal_halves(pattern: str):
+    """(text before `*`, text after) of a converter source pattern that is plain text around one `*`, else None
+    (a pattern with other regex syntax cannot be instantiated for a wildcard value)."""
+    text = pattern.replace(r"\.", ".")
+    if text.count("*") != 1 or re.search(r"[\\^$()\[\]?+{}|]", text):
+        return None
+    return tuple(text.split("*"))
+
+
+class Converted:
+    """One parameter group that a transformers `WeightConverter` builds from several checkpoint tensors (e.g. one
+    layer's per-expert `gate_proj`/`up_proj` stacked and concatenated into `mlp.experts.gate_up_proj`). Holds only
+    the checkpoint keys; the tensors are read and converted when the parameter is loaded, one group at a time."""
+
+    def __init__(self, converter, target: str):
+        # target: the full name of the converter's first target, under which transformers files the group
+        self.converter, self.target = converter, target
+        self.keys = {}  # source pattern -> checkpoint keys, in the order transformers collects them
+
+    def add(self, pattern: str, key: str):
+        self.keys.setdefault(pattern, []).append(key)
+
+    def names(self, params) -> list:
+        """The parameter names this group produces (a one-to-many converter, e.g. qkv -> q, k, v, produces several;
+        named the way transformers expands its first target)."""
+        first = self.converter.target_patterns[0]
+        return [n for n in (self.target.replace(first, t) for t in self.converter.target_patterns) if n in params]
+
+    def missing(self) -> list:
+        """Checkpoint keys the conversion needs but the checkpoint lacks: every `*` pattern must be present for each
+        wildcard value (expert index) any pattern of the group has, and integer ones must run from 0 without gaps.
+        Otherwise transformers' ops would stack too few experts, or pair gate and up of different experts."""
+        halves = {p: _literal_halves(p) for p in self.converter.source_patterns}
+        if None in halves.values():
+            return []
+        found = {p: {} for p in halves}  # pattern -> {wildcard value: (key, match)}
+        for pattern, keys in self.keys.items():
+            head, tail = halves[pattern]
+            for key in keys:
+                match = re.search(re.escape(head) + r"([^.]+)" + re.escape(tail), key)
+                if match:  # a renaming may have rewritten the matched part: then this key cannot serve as a template
+                    found[pattern][match.group(1)] = (key, match)
+        values = set().union(*found.values())
+        if not values:
+            return []
+        if all(v.isdigit() for v in values):
+            values |= {str(i) for i in range(max(map(int, values)) + 1)}
+        key, match = next(v for f in found.values() for v in f.values())
+        return [key[:match.start()] + head + v + tail + key[match.end():]
+                for pattern, (head, tail) in halves.items()
+                for v in sorted(values - found[pattern].keys(), key=lambda v: (len(v), v))]
+
+    def tensor(self, reader, model, name: str) -> torch.Tensor:
+        """Parameter `name`, converted by transformers' own `WeightConverter.convert` (its ops in order, then its
+        expansion of pattern names to full names) from tensors read now."""
+        converter = copy.deepcopy(self.converter)  # collecting tensors changes a converter: one copy per use
+        for pattern, keys in self.keys.items():
+            for key in keys:  # a callable is read only when the converter materializes its inputs
+                converter.add_tensor(self.target, key, pattern, functools.partial(_read, reader, key))
+        out = converter.convert(self.target, model=model, config=model.config)
+        if name not in out:
+            raise ValueError(f"transformers' conversion of {', '.join(sum(self.keys.values(), []))} gives "
+                             f"{', '.join(out)}, not {name}")
+        value = out[name]
+        return value[0] if isinstance(value, list) else value
+
+
+def converted_parameters(model, reader) -> dict:
+    """{parameter name: (Converted group, name)} for the parameters transformers builds from several checkpoint keys
+    through `WeightConverter`s. Each checkpoint key is named as transformers names it on load (`rename_source_key`:
+    its renamings, then at most one converter, then the base-model prefix), in transformers' order, so the experts
+    stack in the order `from_pretrained` stacks them."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
+    except ImportError:  # transformers 4 has no converters: every parameter is one checkpoint key
+        return {}
+    mapping = get_model_conversion_mapping(model) or []  # fresh copies: matching keys changes their state
+    renamings = [t for t in mapping if isinstance(t, WeightRenaming)]
+    converters = [t for t in mapping if isinstance(t, WeightConverter)]
+    if not converters:
+        return {}
+    by_pattern = {p: c for c in converters for p in c.source_patterns}
+    params = dict.fromkeys((n for n, _ in model.named_parameters(remove_duplicate=False)), True)
+    groups = {}
+    for key in sorted(reader.keys(), key=dot_natural_key):
+        target, pattern = rename_source_key(key, renamings, converters, model.base_model_prefix, params)
+        if pattern is not None and target in params:
+            groups.setdefault(target, Converted(by_pattern[pattern], target)).add(pattern, key)
+    return {name: (group, name) for group in groups.values() for name in group.names(params)}
+
+
 def decoder_layers(model, n_layers: int):
     """The ModuleList of decoder layers (named differently per family: model.layers, transformer.h, ...)."""
     for _, module in model.named_modules():
@@ -214,24 +313,28 @@ class StreamedForward:
             if any(p is not None for p in module._parameters.values()):
                 module.register_forward_pre_hook(self._load)
                 module.register_forward_hook(self._release)
-        layers = decoder_layers(model, model.config.num_hidden_layers)
+        # a multimodal container's own config has no layer count: its text model's has (`text_config` twin)
+        layers = decoder_layers(model, model.config.get_text_config().num_hidden_layers)
         for layer in layers:
             layer.register_forward_hook(self._record)
         self._names = {id(m): n for n, m in model.named_modules()}
 
     @staticmethod
     def _map_names(model, reader):
-        """Checkpoint key for every parameter name, following tied parameters and the base-model prefix."""
+        """Source of every parameter name: one checkpoint key (following tied parameters, the base-model prefix and
+        renamings), else a group of keys that a transformers converter turns into it (`converted_parameters`)."""
         aliases = {}
         for name, p in model.named_parameters(remove_duplicate=False):
             aliases.setdefault(id(p), []).append(name)
         prefix = getattr(model, "base_model_prefix", "") + "."
+        converted = converted_parameters(model, reader)
         sources, missing = {}, []
         for names in aliases.values():
             candidates = names + [n[len(prefix):] for n in names if n.startswith(prefix)]
             key = next((c for c in candidates if c in reader), None)
             if key is None:
-                missing.append(names[0])
+                key = next((converted[n] for n in names if n in converted), None)
+                missing += [f"{k} (for {names[0]})" for k in key[0].missing()] if key else [names[0]]
             for n in names:
                 sources[n] = key
         if missing:
@@ -243,8 +346,18 @@ class StreamedForward:
         for name, p in module._parameters.items():
             if p is not None:
                 full = f"{prefix}.{name}" if prefix else name
-                module._parameters[name] = torch.nn.Parameter(self.reader.get(self.sources[full]).float(),
-                                                              requires_grad=False)
+                module._parameters[name] = torch.nn.Parameter(self._tensor(full, p.shape), requires_grad=False)
+
+    def _tensor(self, name, shape) -> torch.Tensor:
+        source = self.sources[name]
+        if isinstance(source, str):
+            return self.reader.get(source).float()
+        group, produced = source
+        tensor = group.tensor(self.reader, self.model, produced).float()
+        if tensor.shape != shape:  # e.g. a whole expert missing: transformers would report the key as mismatched
+            raise ValueError(f"{name}: the checkpoint tensors convert to shape {tuple(tensor.shape)}, "
+                             f"the reference expects {tuple(shape)}")
+        return tensor
 
     @staticmethod
     def _release(module, args, output):

@@ -16,6 +16,7 @@ _HF_HOME = tempfile.mkdtemp(prefix="mlx-convert-tests-hf-")
 os.environ["HF_HOME"] = _HF_HOME
 os.environ["HF_HUB_CACHE"] = os.path.join(_HF_HOME, "hub")
 
+import convert  # noqa: E402,F401  (loads the fast BLAS before any test module imports mlx.core)
 import pytest
 
 TESTS = Path(__file__).parent

@@ -129,7 +129,11 @@ def test_report_is_written_and_summarised(source, tmp_path):
     saved = json.loads(write_report(report, out).read_text())
     assert saved["passed"] is True and saved["logits"]["top1"] == 1.0
     table = summary_table(report)
-    assert "| top-1 agreement (all / decided positions) | 100.0% / 100.0% |" in table and "KL divergence" in table
+    # Three parts, stated separately: the proof, the long-range check, the quantization cost.
+    assert "| exact-weights parity (transformers holding the output's weights) | max relative logit error" in table
+    assert "| shadow long-range parity | 64 tokens (no window or scaled context): full " in table
+    assert "| quantization cost: top-1 agreement (all / decided positions) | 100.0% / 100.0% |" in table
+    assert saved["parity"]["max_rel_error"] <= 1e-4 and saved["shadow"]["length"] == 64
 
 
 def test_progress_advances_layer_by_layer_on_both_sides(source, tmp_path):

@@ -49,6 +49,24 @@ def rope_scaling(params: dict) -> Optional[dict]:
     return scaling
 
 
+# Top-level keys of a multimodal container that describe the container, never its text model.
+_CONTAINER_ONLY = ("architectures", "auto_map", "model_type", "text_config")
+
+
+def text_config(config: dict) -> dict:
+    """The text model's config of a checkpoint config: a multimodal container's `text_config` (keeping its own
+    `model_type`), completed with the top-level keys it lacks where the container states them (containers keep e.g.
+    `tie_word_embeddings` or `quantization_config` at the top); a plain config as it is. The twin of transformers'
+    `PretrainedConfig.get_text_config()`."""
+    inner = config.get("text_config")
+    if not isinstance(inner, dict):
+        return config
+    # Other sub-models' configs (`vision_config`, `audio_config`, ...) are not the text model's.
+    inherited = {k: v for k, v in config.items() if k not in inner and k not in _CONTAINER_ONLY
+                 and not (k.endswith("_config") and k != "quantization_config" and isinstance(v, dict))}
+    return {**inherited, **inner}
+
+
 def source_dtype(config: dict) -> Optional[str]:
     """The checkpoint's stored dtype name (`dtype` in transformers 5, `torch_dtype` in 4)."""
     dtype = config.get("dtype") or config.get("torch_dtype")
