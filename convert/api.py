@@ -61,6 +61,9 @@ def run(plan: ConvertPlan, progress: Optional[Callable] = None, log: Optional[Ca
     q.check_applicable(src.config, plan)
     log(f"pre-flight: {src.config['model_type']} from {src.repo_id or src.folder}, weights: "
         f"{len(src.weight_files)} file(s)")
+    if src.ignored_code:
+        log(f"ignoring the repo's own code ({src.ignored_code}): {src.config['model_type']} is native to transformers "
+            "and mlx-convert; it is neither downloaded nor run")
     folder = source.fetch(plan, src)
     with save.scratch(plan.mlx_path) as scratch:  # .bin sources are rewritten here to be read lazily
         converted = convert_weights(plan, src, source_weights(folder, src, progress, scratch), log)
@@ -97,6 +100,7 @@ def convert_weights(plan: ConvertPlan, src, weights: dict, log) -> Converted:
     for skipped in quant.skipped:
         log(f"kept in full precision: {skipped}")
     config = model.export_config(dict(src.config))
+    config.pop("auto_map", None)  # the repo's code is not in the output (and was never needed: see pre-flight)
     # State the resolved head tying: readers default differently when the key is absent (mlx-lm assumes tied).
     tied = getattr(model.args, "tie_word_embeddings", None)
     if tied is not None:
@@ -183,7 +187,8 @@ def write_card(plan, src, source_folder, out, dtype, result):
     text = card.render_card(repo_name=plan.mlx_path.name, base_model=base, source_meta=meta, commit=src.commit,
                             recipe=plan.recipe_name, dtype=dtype, bits_per_weight=result.bits_per_weight,
                             quantized=plan.quantize, validation=summary, skipped_layers=result.skipped_layers,
-                            upload_repo=plan.upload_repo)
+                            upload_repo=plan.upload_repo, ignored_code=src.ignored_code,
+                            model_type=src.config["model_type"])
     (out / "README.md").write_text(text)
 
 

@@ -25,7 +25,8 @@ def source_metadata(folder: Path) -> dict:
 
 def render_card(*, repo_name: str, base_model: Optional[str], source_meta: dict, commit: Optional[str],
                 recipe: str, dtype: str, bits_per_weight: float, quantized: bool, validation: str,
-                skipped_layers: list, upload_repo: Optional[str]) -> str:
+                skipped_layers: list, upload_repo: Optional[str], ignored_code: str = "",
+                model_type: str = "") -> str:
     meta = {"library_name": "mlx", "pipeline_tag": source_meta.get("pipeline_tag", "text-generation")}
     if base_model:
         meta["base_model"] = base_model
@@ -50,6 +51,9 @@ def render_card(*, repo_name: str, base_model: Optional[str], source_meta: dict,
     ]
     if skipped_layers:
         lines.append(f"- Kept in full precision: {', '.join(skipped_layers)}")
+    if ignored_code:
+        lines.append(f"- The source repo ships its own code ({ignored_code}); it was neither downloaded nor run: "
+                     f"converted and validated with the native transformers implementation of `{model_type}`")
     lines += ["", "## Validation", "", validation, "",
               "## Use with mlx-lm", "", "```bash", "pip install mlx-lm", "```", "", "```python",
               "from mlx_lm import load, generate", "", f'model, tokenizer = load("{repo}")',

@@ -36,6 +36,7 @@ class Source:
     commit: Optional[str] = None
     folder: Optional[Path] = None
     files: list = field(default_factory=list)
+    ignored_code: str = ""  # the repo's own code, neither fetched nor run: its model_type is native to both sides
 
 
 def hub_endpoint(plan: ConvertPlan) -> Optional[str]:
@@ -72,15 +73,31 @@ def custom_code(config: dict, files: list) -> str:
     return ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
 
 
-def check_source(config: dict, files: list, plan: ConvertPlan):
-    """Refusals that need only the config and the file list."""
-    code = custom_code(config, files)
-    if code:
-        raise ConvertError(f"this checkpoint asks for its own code ({code}); mlx-convert never runs checkpoint "
-                           "code: convert a checkpoint of a transformers architecture instead")
+def native(model_type: str) -> bool:
+    """Whether transformers and mlx-convert both implement `model_type` (then a repo's own code is not needed:
+    transformers itself, with trust_remote_code=False, uses its native class)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if model_type not in CONFIG_MAPPING:
+        return False
+    try:
+        mlx_arch.get_architecture(model_type)
+    except mlx_arch.UnsupportedArchitecture:
+        return False
+    return True
+
+
+def check_source(config: dict, files: list, plan: ConvertPlan) -> str:
+    """Refusals that need only the config and the file list; returns the repo's own code that is ignored because
+    its model_type is native (official repos of Phi-3, DeepSeek, GLM, ... still ship modeling files)."""
     model_type = config.get("model_type")
     if not model_type:
         raise ConvertError("config.json has no model_type: cannot tell the architecture")
+    code = custom_code(config, files)
+    if code and not native(model_type):
+        raise ConvertError(f"this checkpoint asks for its own code ({code}) and {model_type!r} has no native "
+                           "implementation in transformers and mlx-convert; mlx-convert never runs checkpoint code: "
+                           "convert a checkpoint of a transformers architecture instead")
     try:
         mlx_arch.get_architecture(model_type)
     except mlx_arch.UnsupportedArchitecture as e:
@@ -93,6 +110,7 @@ def check_source(config: dict, files: list, plan: ConvertPlan):
         raise ConvertError("--dequantize needs an MLX-quantized source (config.json has no 'quantization')")
     if plan.quantize and "quantization" in config:
         raise ConvertError("the source is already MLX-quantized: --dequantize it first, or convert the original")
+    return code
 
 
 def preflight(plan: ConvertPlan) -> Source:
@@ -116,9 +134,9 @@ def _read_json(path: Path) -> dict:
 def _local_source(folder: Path, plan: ConvertPlan) -> Source:
     files = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
     config = _read_json(folder / "config.json")
-    check_source(config, files, plan)
+    code = check_source(config, files, plan)
     weights = choose_weight_files(files, lambda name: _read_json(folder / name))
-    return Source(config, weights, folder=folder, files=files)
+    return Source(config, weights, folder=folder, files=files, ignored_code=code)
 
 
 def _hub_source(plan: ConvertPlan) -> Source:
@@ -138,9 +156,9 @@ def _hub_source(plan: ConvertPlan) -> Source:
                                                    token=plan.token)))
 
         config = download("config.json")
-        check_source(config, files, plan)
+        code = check_source(config, files, plan)
         weights = choose_weight_files(files, download)
-    return Source(config, weights, repo_id=plan.hf_path, commit=info.sha, files=files)
+    return Source(config, weights, repo_id=plan.hf_path, commit=info.sha, files=files, ignored_code=code)
 
 
 def _cached_source(plan: ConvertPlan) -> Source:

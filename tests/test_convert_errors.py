@@ -43,7 +43,7 @@ def test_unknown_architecture_lists_the_supported_ones(src, tmp_path):
 
 
 def test_remote_code_is_refused(src, tmp_path):
-    edit_config(src, auto_map={"AutoModelForCausalLM": "modeling_custom.CustomModel"})
+    edit_config(src, model_type="acme_lm", auto_map={"AutoModelForCausalLM": "modeling_custom.CustomModel"})
     refuse(src, tmp_path, "never runs checkpoint code")
 
 

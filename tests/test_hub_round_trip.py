@@ -74,6 +74,7 @@ def test_revision_is_honoured(hub, seeded, tmp_path):
 def test_refusals_happen_before_any_weight_is_downloaded(hub, seeded, tmp_path):
     config = json.loads((seeded / "config.json").read_text())
     config["auto_map"] = {"AutoModelForCausalLM": "custom.Model"}
+    config["model_type"] = "acme_lm"  # only the repo's code implements it (native types convert despite auto_map)
     (seeded / "config.json").write_text(json.dumps(config))
     hub.seed("acme/remote-code", seeded)
     with pytest.raises(ConvertError, match="never runs checkpoint code"):

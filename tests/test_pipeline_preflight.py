@@ -37,9 +37,11 @@ def test_preflight_reads_only_config_and_index(hub, sharded):
 
 @pytest.mark.parametrize("config,files,message", [
     (dict(model_type="mamba9"), (), "model_type 'mamba9' is not supported; supported: .*llama"),
-    (dict(auto_map={"AutoModelForCausalLM": "modeling_x.Model"}), (),
-     r"asks for its own code \(auto_map AutoModelForCausalLM\); mlx-convert never runs checkpoint code"),
-    ({}, ("modeling_custom.py",), r"asks for its own code \(modeling_custom.py\)"),
+    # A model_type that only the repo's code implements (a native one converts: tests/test_native_remote_code.py).
+    (dict(model_type="acme_lm", auto_map={"AutoModelForCausalLM": "modeling_x.Model"}), (),
+     r"asks for its own code \(auto_map AutoModelForCausalLM\) and 'acme_lm' has no native implementation .*"
+     r"mlx-convert never runs checkpoint code"),
+    (dict(model_type="acme_lm"), ("modeling_custom.py",), r"asks for its own code \(modeling_custom.py\)"),
     (dict(quantization_config={"quant_method": "awq", "bits": 4}), (), r"already quantized \(awq\)"),
 ], ids=["model_type", "auto_map", "code-file", "pre-quantized"])
 def test_refusals_happen_before_any_weight_download(hub, sharded, tmp_path, config, files, message):
