@@ -121,3 +121,21 @@ def test_uninformative_tokenizer_gets_drawn_ids_and_still_catches_a_rope_bug(sou
     edit_config(bad, lambda c: scale_rope(c, 10.0))
     report = validate(src, bad)
     assert any("exact-weights parity" in f for f in report.failures), report.failures
+
+
+def first_cases():
+    from model_test_runner import CASES
+
+    first = {}
+    for case in CASES:
+        first.setdefault(case["model_type"], case)
+    return list(first.values())
+
+
+@pytest.mark.parametrize("case", first_cases(), ids=lambda c: c["id"])
+def test_no_false_alarm_on_a_clean_bf16_output_of_every_family(tmp_path, case):
+    """(The 4-bit outputs of every family go through the whole pipeline and this gate in test_family_conversion.)"""
+    src = make_checkpoint(tmp_path / "src", case["model_type"], **case.get("overrides", {}))
+    report = validate(src, write_mlx_folder(src, tmp_path / "out", dtype="bfloat16"))
+    assert report.passed, report.failures
+    assert report.weights["worst_rel_error"] < 5e-3 and report.shadow["full_rel_error"] is not None

@@ -73,3 +73,25 @@ def test_contradictory_settings_are_refused(tmp_path, options, message):
 def test_block_format_implies_quantize(source, tmp_path):
     result = convert(str(source), tmp_path / "out", q_mode="mxfp8", skip_validation=True)
     assert json.loads((result.path / "config.json").read_text())["quantization"]["mode"] == "mxfp8"
+
+
+@pytest.mark.parametrize("model_type,overrides,layers,sensitive,head", [
+    ("gpt2", dict(num_hidden_layers=8), "model.h", ("attn.c_attn", "mlp.c_proj"), None),
+    ("gpt_neox", dict(num_hidden_layers=8, tie_word_embeddings=False), "model.h",
+     ("attention.query_key_value", "mlp.dense_4h_to_h"), "model.embed_out"),
+    ("falcon", dict(num_hidden_layers=8, multi_query=True), "transformer.h",
+     ("self_attention.query_key_value", "mlp.dense_4h_to_h"), None),
+])
+def test_recipe_follows_the_model_not_layer_names(tmp_path, model_type, overrides, layers, sensitive, head):
+    """Families whose modules are not called v_proj/down_proj, nor live under .layers.N., still get the recipe:
+    the model says which projections are sensitive (`sensitive(path)`) and which layer holds them."""
+    src = make_checkpoint(tmp_path / "src", model_type, **overrides)
+    result = convert(str(src), tmp_path / "out", quant_recipe="mixed_4_6", q_group_size=32)
+    quant = json.loads((result.path / "config.json").read_text())["quantization"]
+    six = {"group_size": 32, "bits": 6, "mode": "affine"}
+    for i in range(8):
+        for name in sensitive:
+            assert quant.get(f"{layers}.{i}.{name}") == (six if i in SENSITIVE_LAYERS else None), (i, name)
+    if head:
+        assert quant[head] == six
+    assert result.validation.passed, result.validation.failures
