@@ -4,6 +4,7 @@ import errno
 import os
 import re
 import sys
+import textwrap
 
 import click
 
@@ -78,6 +79,10 @@ def cli(**flags):
       mlx-convert --hf-path org/Model -q --upload-repo me/Model-4bit
 
     Environment: HF_TOKEN (or `hf auth login`), HF_HOME, HF_ENDPOINT, HF_HUB_OFFLINE work as in huggingface_hub.
+    MLX_CONVERT_BLAS=none keeps MLX's bundled CPU BLAS (Linux; default: OpenBLAS, much faster for the gate).
+
+    Repos that ship their own modeling code (auto_map) convert with the native implementation when their
+    model_type is one of those below; the repo's code is neither downloaded nor run.
     """
     from tqdm import tqdm
 
@@ -118,6 +123,18 @@ def summary(result) -> str:
         verb = "Would publish to" if result.published.dry_run else "Published to"
         lines.append(f"{verb} {result.published.url}")
     return "\n".join(lines)
+
+
+def _supported_types_help() -> str:
+    import mlx_arch
+
+    # indented like the docstring, which click dedents as a whole
+    types = textwrap.fill(", ".join(mlx_arch.supported_model_types()), 76, initial_indent="      ",
+                          subsequent_indent="      ")
+    return f"\n    \b\n    Supported model types:\n{types}\n"
+
+
+cli.help = (cli.help or "") + _supported_types_help()
 
 
 def main(argv=None):

@@ -18,8 +18,10 @@ Both run one layer at a time with weights read just before use and released afte
   bounds (`THRESHOLDS`) loose enough for a healthy quantization and tight enough to catch a broken one.
 """
 
+import contextlib
 import json
 import math
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -94,6 +96,7 @@ class Report:
     weights: dict = field(default_factory=dict)  # stored tensors against their source tensors
     probes: dict = field(default_factory=dict)  # how the probes were built
     shadow: dict = field(default_factory=dict)  # long-range parity on the shadow model (convert/shadow.py)
+    seconds: dict = field(default_factory=dict)  # time per part of the gate
     cache_rel_error: Optional[float] = None
     batch_rel_error: Optional[float] = None
     tokenizer: dict = field(default_factory=dict)
@@ -262,57 +265,91 @@ def layer_ticker(progress, n_layers: int, desc: str) -> Callable:
 def validate(source, output, progress: Optional[Callable] = None) -> Report:
     """Validate the converted folder `output` against the source checkpoint folder `source`.
 
-    `progress(iterable, desc=..., unit=...)` (e.g. tqdm) shows the layer-by-layer passes of both models."""
+    `progress(iterable, desc=..., unit=...)` (e.g. tqdm) shows the layer-by-layer passes of both models. The time
+    each part took is in `report.seconds`."""
     from mlx_arch import load_model
 
     from . import layerwise, shadow
-    from .reference import CheckpointReader, OutputWeights, StreamedForward, build_reference
+    from .reference import CheckpointReader, OutputWeights
 
     model, config = load_model(output, lazy=True)  # weights are read layer by layer, see layerwise.py
-    precision, key = precision_of(config)
-    hidden = getattr(model.args, "hidden_size", None) or model.model.embed_tokens.weight.shape[-1]
-    report = Report(precision=precision, thresholds={**THRESHOLDS[key], "exact": exact_bound(len(model.layers), hidden),
-                                                     "weights_rel_error": weight_bound(key)})
-
-    report.tokenizer, tokenizer = tokenizer_fidelity(source, output)
-    if not report.tokenizer["passed"]:
-        report.failures += [f"tokenizer: {m}" for m in report.tokenizer["mismatches"]]
-
-    report.non_finite = non_finite_tensors(output)
-    if report.non_finite:
-        report.failures.append(f"non-finite values in {', '.join(report.non_finite[:5])}")
-
+    report = new_report(model, config)
+    with stage(report, "tokenizer"):
+        tokenizer = check_tokenizer(report, source, output)
+    with stage(report, "non-finite weights"):
+        report.non_finite = non_finite_tensors(output)
     rows, report.probes = probe_rows(tokenizer, config["vocab_size"])
     ids, mask = padded(rows)
     report.prompts, report.tokens = ids.shape[0], int(mask.sum())
-    n_layers = len(model.layers)
     source_reader = CheckpointReader(source)
     held = OutputWeights(output, source_reader)
-    report.weights = weight_fidelity(held, source_reader, report.thresholds["weights_rel_error"])
-
-    exact = StreamedForward(build_reference(source), held)
-    exact.on_layer = layer_ticker(progress, n_layers, "validate: transformers")
-    exact_logits, exact_layers = exact(ids, mask)
-    if report.weights["worst_rel_error"] == 0.0:  # the output holds the source's own values: one pass serves both
-        ref_logits, ref_layers = exact_logits, exact_layers
-    else:
-        original = StreamedForward(build_reference(source), source_reader)
-        original.on_layer = layer_ticker(progress, n_layers, "validate: transformers, float original")
-        ref_logits, ref_layers = original(ids, mask)
+    with stage(report, "weights vs source"):
+        report.weights = weight_fidelity(held, source_reader, report.thresholds["weights_rel_error"])
+    n_layers = len(model.layers)
+    with stage(report, "transformers, output's weights"):
+        exact = reference_pass(source, held, ids, mask, layer_ticker(progress, n_layers, "validate: transformers"))
+    with stage(report, "transformers, float original"):
+        if report.weights["worst_rel_error"] == 0.0:  # the output holds the source's own values: one pass serves
+            original = exact
+        else:
+            original = reference_pass(source, source_reader, ids, mask,
+                                      layer_ticker(progress, n_layers, "validate: transformers, float original"))
     float16 = source_dtype(config) == "float16"
-    out = layerwise.run(model, ids, mask, on_layer=layer_ticker(progress, n_layers, "validate: mlx"),
-                        low_precision=mx.float16 if float16 else None)
-    compare_exact(report, mask, out.logits, out.layers, exact_logits, exact_layers)
-    compare_outputs(report, mask, out.logits, out.layers, ref_logits, ref_layers)
+    with stage(report, "mlx"):
+        out = layerwise.run(model, ids, mask, on_layer=layer_ticker(progress, n_layers, "validate: mlx"),
+                            low_precision=mx.float16 if float16 else None)
+    with stage(report, "shadow long-range"):
+        shadow_report = shadow.check_folders(source, output)
+
+    report.failures += [f"non-finite values in {', '.join(report.non_finite[:5])}"] if report.non_finite else []
+    compare_exact(report, mask, out.logits, out.layers, *exact)
+    compare_outputs(report, mask, out.logits, out.layers, *original)
     if report.weights["misplaced"]:
         report.failures.append("weights differ from their source tensors beyond quantization: "
                                + ", ".join(f"{k} (rel. error {e:.2g})" for k, e in report.weights["misplaced"][:3]))
     if float16:
         check_float16_range(report, out.low_max_abs)
-
-    shadow_report = shadow.check_folders(source, output)
     report.shadow = shadow_report.to_dict()
     report.failures += shadow_report.failures
+    check_consistency(report, out, mask)
+    return report
+
+
+def new_report(model, config) -> Report:
+    precision, key = precision_of(config)
+    hidden = getattr(model.args, "hidden_size", None) or model.model.embed_tokens.weight.shape[-1]
+    return Report(precision=precision, thresholds={**THRESHOLDS[key], "exact": exact_bound(len(model.layers), hidden),
+                                                   "weights_rel_error": weight_bound(key)})
+
+
+@contextlib.contextmanager
+def stage(report: Report, name: str):
+    """Time one part of the gate into `report.seconds`."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        report.seconds[name] = round(time.perf_counter() - start, 3)
+
+
+def check_tokenizer(report: Report, source, output):
+    report.tokenizer, tokenizer = tokenizer_fidelity(source, output)
+    report.failures += [f"tokenizer: {m}" for m in report.tokenizer["mismatches"]]
+    return tokenizer
+
+
+def reference_pass(source, weights, ids, mask, on_layer) -> tuple:
+    """(logits, per-layer hidden states) of the streamed transformers reference holding `weights`."""
+    from .reference import StreamedForward, build_reference
+
+    reference = StreamedForward(build_reference(source), weights)
+    reference.on_layer = on_layer
+    return reference(ids, mask)
+
+
+def check_consistency(report: Report, out, mask):
+    """Cache decode against a full forward, padded batch against single prompts (both in float32)."""
+    from . import layerwise
 
     report.cache_rel_error = layerwise.cache_rel_error(out)
     report.batch_rel_error = layerwise.batch_rel_error(out, mask)
@@ -320,7 +357,6 @@ def validate(source, output, progress: Optional[Callable] = None) -> Report:
                       ("padded batch vs single", report.batch_rel_error)):
         if not err <= CONSISTENCY_TOL:
             report.failures.append(f"{name}: relative error {err:.2e} > {CONSISTENCY_TOL:.0e}")
-    return report
 
 
 def weight_fidelity(held, source, bound: float) -> dict:

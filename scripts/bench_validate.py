@@ -5,9 +5,10 @@
 For each depth, builds a random bf16 Llama checkpoint of TinyLlama-1.1B's layer shape, converts it to 4-bit
 without validation, then times `mlx-convert --validate-only` in a fresh process and reports its wall time and peak
 resident memory next to the size of the float32 model that an unstreamed gate would hold (twice: reference and
-ours).
+ours), then where the gate's time went (`seconds` in validation.json).
 """
 
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ from bench_convert import deep_checkpoints, depth_args, measured  # noqa: E402
 
 def main():
     args = depth_args(__doc__.splitlines()[0])
-    rows = []
+    rows, parts = [], []
     for n, src in deep_checkpoints(args):
         out = args.workdir / f"out-validate-{n}"
         shutil.rmtree(out, ignore_errors=True)
@@ -26,11 +27,18 @@ def main():
         seconds, peak = measured(["mlx-convert", "--hf-path", str(src), "--mlx-path", str(out), "--validate-only"])
         bf16 = sum(f.stat().st_size for f in src.glob("*.safetensors")) / 2**20
         rows.append((n, bf16, 2 * bf16, seconds, peak))
+        parts.append((n, json.loads((out / "validation.json").read_text())["seconds"]))
     print("\nvalidate-only on a 4-bit conversion; sizes and peak RSS in MB\n")
     print("| layers | source bf16 | model in float32 | validate s | peak RSS | peak / float32 model |")
     print("|---|---|---|---|---|---|")
     for n, bf16, fp32, seconds, peak in rows:
         print(f"| {n} | {bf16:,.0f} | {fp32:,.0f} | {seconds:.1f} | {peak:,.0f} | {peak / fp32:.2f} |")
+    names = list(parts[0][1])
+    print("\nwhere the gate's time goes, seconds\n")
+    print("| layers | " + " | ".join(names) + " |")
+    print("|---|" + "---|" * len(names))
+    for n, seconds in parts:
+        print(f"| {n} | " + " | ".join(f"{seconds[k]:.1f}" for k in names) + " |")
 
 
 if __name__ == "__main__":
