@@ -28,7 +28,7 @@ from typing import Callable, Optional
 
 import mlx.core as mx
 import numpy as np
-from mlx_arch.core.base import source_dtype
+from mlx_arch.core.base import source_dtype, text_config
 
 from .layerwise import rel_error
 
@@ -278,7 +278,7 @@ def validate(source, output, progress: Optional[Callable] = None) -> Report:
         tokenizer = check_tokenizer(report, source, output)
     with stage(report, "non-finite weights"):
         report.non_finite = non_finite_tensors(output)
-    rows, report.probes = probe_rows(tokenizer, config["vocab_size"])
+    rows, report.probes = probe_rows(tokenizer, text_config(config)["vocab_size"])
     ids, mask = padded(rows)
     report.prompts, report.tokens = ids.shape[0], int(mask.sum())
     source_reader = CheckpointReader(source)

@@ -14,6 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .core import cache
+from .core.base import text_config
 
 ALIASES = {"mistral": "llama", "ministral": "llama"}
 
@@ -46,7 +47,9 @@ def get_architecture(model_type: str):
 
 
 def build_model(config: dict):
-    """An uninitialised `Model` for a config dict (float32 parameters until weights are loaded)."""
+    """An uninitialised `Model` for a config dict (float32 parameters until weights are loaded); a multimodal
+    container's config gives its text model (`text_config`, the resolver the gate's reference side mirrors)."""
+    config = text_config(config)
     arch = get_architecture(config["model_type"])
     return arch.Model(arch.ModelArgs.from_dict(config))
 
