@@ -17,6 +17,7 @@ Operations:
   Transpose   declared keys, never guessed from shapes (a square matrix is ambiguous).
   Split / Concat, Stack / Unstack   fused tensors and per-expert tensors, with sizes from the config.
   Drop        declared lossy: buffers and tied heads; `inverse` cannot bring them back, `dropped(key)` says so.
+  Move        one key renamed by template, where the name changes mid-key (`{i}` / `{e}` carried over).
 """
 
 import re
@@ -335,3 +336,29 @@ class Unstack(_Expand):
 
     def inverse(self):
         return Stack(self.target, self.source, self.count)
+
+
+class Move(Op):
+    """Rename single keys by template (`layers.{i}.moe.output_linear.weight` -> `layers.{i}.moe.switch_mlp.down_proj
+    .weight`): for names that change in the middle of a key, where `Rename`'s literal prefixes cannot reach. The
+    placeholders carry over; a target that matches the source template again is refused (a second run would move
+    it again)."""
+
+    def __init__(self, source: str, target: str):
+        self.source, self.target = source, target
+        self.regex = template(source)
+        if self.regex.match(target.replace("{i}", "0").replace("{e}", "0")):
+            raise ValueError(f"move target {target!r} matches its source {source!r}: a second run would move it again")
+
+    def apply(self, w):
+        out = {}
+        for k, v in w.items():
+            m = self.regex.match(k)
+            new = fill(self.target, **m.groupdict()) if m else k
+            if new in out:
+                raise ValueError(f"two checkpoint keys map to {new!r}")
+            out[new] = v
+        return out
+
+    def inverse(self):
+        return Move(self.target, self.source)

@@ -1,0 +1,253 @@
+"""Mixture-of-experts blocks: routers, gathered ("switch") expert layers, the sparse block with optional shared
+experts, which layers are sparse, the weight rules that stack per-expert tensors, and the routers' precision.
+
+Experts are stacked: one `SwitchLinear` holds every expert's weight as (n_experts, out, in) and computes only the
+experts each token was routed to (`mx.gather_mm`; `mx.gather_qmm` once quantized). Module names are mlx-lm's
+(`gate`, `switch_mlp.{gate,up,down}_proj`, `shared_expert`, `shared_expert_gate`) so that mlx-lm reads our output.
+
+Routers map router logits (..., n_experts) to (indices, weights), both (..., k), in float32 whatever the
+activations' dtype (transformers routes in float32 too):
+  softmax_topk   softmax over all experts, keep the k largest, optionally renormalise them (mixtral always,
+                 qwen2_moe / qwen3_moe / olmoe per `norm_topk_prob`);
+  topk_softmax   keep the k largest logits, softmax over those (granitemoe);
+  sigmoid_topk   sigmoid scores, chosen by score + correction bias within the best groups, weighted by the scores
+                 themselves, optionally renormalised, times a routed scaling factor (DeepSeek-V3 style).
+
+Routers and shared-expert gates stay in full precision when a model is quantized (`RoutedModel.quant_predicate`):
+they are a few thousandths of a layer's weights, and their error does not average out like a projection's: it moves
+a near-tied token to another expert (or rescales a whole shared MLP), i.e. it changes what is computed rather than
+adding noise to it. mlx-lm quantizes them at 8 bits in some families and not at all in others; a float router costs
+nothing measurable and reads the same in both (no `scales`: mlx-lm keeps it float).
+"""
+
+from typing import Callable, Optional, Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from . import quant
+from .layers import activation
+from .weights import Stack
+
+# --- routers ------------------------------------------------------------------------------------------------------
+
+
+def _top_k(scores: mx.array, k: int) -> mx.array:
+    """Indices of the k largest scores along the last axis (in no particular order)."""
+    return mx.argpartition(-scores, kth=k - 1, axis=-1)[..., :k]
+
+
+def softmax_topk(logits: mx.array, k: int, normalize: bool = False):
+    """Softmax over every expert, then the k most probable; `normalize` makes their weights sum to one."""
+    probs = mx.softmax(logits.astype(mx.float32), axis=-1)
+    indices = _top_k(probs, k)
+    weights = mx.take_along_axis(probs, indices, axis=-1)
+    if normalize:
+        weights = weights / weights.sum(axis=-1, keepdims=True)
+    return indices, weights
+
+
+def topk_softmax(logits: mx.array, k: int):
+    """The k largest logits, then a softmax over those k only."""
+    logits = logits.astype(mx.float32)
+    indices = _top_k(logits, k)
+    return indices, mx.softmax(mx.take_along_axis(logits, indices, axis=-1), axis=-1)
+
+
+def sigmoid_topk(logits: mx.array, k: int, correction_bias: Optional[mx.array] = None, scaling: float = 1.0,
+                 normalize: bool = True, n_group: int = 1, topk_group: int = 1):
+    """DeepSeek-V3 routing. Experts are chosen by sigmoid(logits) + correction_bias, only among the `topk_group`
+    groups (of `n_group` equal groups) whose two best choice scores sum highest; their weights are the plain sigmoid
+    scores, renormalised when `normalize`, times `scaling`."""
+    scores = mx.sigmoid(logits.astype(mx.float32))
+    choice = scores if correction_bias is None else scores + correction_bias.astype(mx.float32)
+    if n_group > 1:
+        grouped = choice.reshape(*choice.shape[:-1], n_group, -1)
+        best_two = mx.topk(grouped, 2, axis=-1).sum(axis=-1)  # (..., n_group)
+        kept = mx.put_along_axis(mx.zeros(best_two.shape, mx.bool_), _top_k(best_two, topk_group),
+                                 mx.array(True), axis=-1)
+        choice = mx.where(kept[..., None], grouped, -mx.inf).reshape(choice.shape)
+    indices = _top_k(choice, k)
+    weights = mx.take_along_axis(scores, indices, axis=-1)
+    if normalize:
+        weights = weights / (weights.sum(axis=-1, keepdims=True) + 1e-20)
+    return indices, weights * scaling
+
+
+# --- gathered expert layers ---------------------------------------------------------------------------------------
+
+
+class SwitchLinear(nn.Module):
+    """`n_experts` linear layers in one: weight (n_experts, out, in), optional bias (n_experts, out).
+
+    Called with x (..., M, in) and integer `indices` broadcastable with x's batch axes (...), returns
+    (..., M, out): each batch entry multiplied by the expert its index names. `sorted_indices` tells the kernel
+    that equal indices are adjacent (faster for many tokens)."""
+
+    def __init__(self, input_dims: int, output_dims: int, num_experts: int, bias: bool = False):
+        super().__init__()
+        self.weight = mx.zeros((num_experts, output_dims, input_dims))  # lazy: replaced by the loaded weights
+        if bias:
+            self.bias = mx.zeros((num_experts, output_dims))
+
+    def _add_bias(self, y, indices):
+        return y + mx.expand_dims(self.bias[indices], -2) if "bias" in self else y
+
+    def __call__(self, x, indices, sorted_indices: bool = False):
+        y = mx.gather_mm(x, self.weight.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices)
+        return self._add_bias(y, indices)
+
+    def to_quantized(self, group_size: int = 64, bits: int = 4, mode: str = "affine"):
+        """What `nn.quantize` calls: the quantized twin holding this layer's experts."""
+        return QuantizedSwitchLinear.from_float(self, group_size, bits, mode)
+
+
+class QuantizedSwitchLinear(SwitchLinear):
+    """SwitchLinear whose weight is stored as `mx.quantize` packs it, expert by expert along the input axis."""
+
+    def __init__(self, input_dims: int, output_dims: int, num_experts: int, bias: bool = False,
+                 group_size: int = 64, bits: int = 4, mode: str = "affine"):
+        super().__init__(input_dims, output_dims, num_experts, bias)
+        self.group_size, self.bits, self.mode = group_size, bits, mode
+        self._set_weight(self.weight)
+        self.freeze()
+
+    def _set_weight(self, weight):
+        self.weight, self.scales, *biases = mx.quantize(weight, self.group_size, self.bits, mode=self.mode)
+        if biases:  # affine mode only
+            self.biases = biases[0]
+
+    @classmethod
+    def from_float(cls, layer: SwitchLinear, group_size: int, bits: int, mode: str) -> "QuantizedSwitchLinear":
+        num_experts, output_dims, input_dims = layer.weight.shape
+        q = cls(input_dims, output_dims, num_experts, "bias" in layer, group_size, bits, mode)
+        q._set_weight(layer.weight)  # the placeholder's quantization stays an unevaluated graph, dropped here
+        if "bias" in layer:
+            q.bias = layer.bias
+        return q
+
+    def __call__(self, x, indices, sorted_indices: bool = False):
+        y = mx.gather_qmm(x, self.weight, self.scales, self.get("biases"), rhs_indices=indices, transpose=True,
+                          group_size=self.group_size, bits=self.bits, mode=self.mode,
+                          sorted_indices=sorted_indices)
+        return self._add_bias(y, indices)
+
+
+def _switch_to_float(module: QuantizedSwitchLinear) -> SwitchLinear:
+    weight = quant.dequantized_weight(module)
+    layer = SwitchLinear(weight.shape[2], weight.shape[1], weight.shape[0], bias="bias" in module)
+    layer.weight = weight
+    if "bias" in module:
+        layer.bias = module.bias.astype(mx.float32)
+    return layer
+
+
+quant.register(QuantizedSwitchLinear, _switch_to_float)
+
+# Routed token slots from which tokens are grouped by expert before the gathered products: sorted indices let the
+# kernels read each expert's weights once instead of once per token.
+SORT_FROM = 64
+
+
+class SwitchGLU(nn.Module):
+    """Gated expert MLPs: down(act(gate(x)) * up(x)) with each token's own experts. x (..., D), indices (..., k)
+    -> (..., k, D), one output per chosen expert (the caller weights and sums them)."""
+
+    sensitive_children = ("down_proj",)
+
+    def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, act: str = "silu",
+                 bias: bool = False):
+        super().__init__()
+        self.gate_proj = SwitchLinear(hidden_size, intermediate_size, num_experts, bias)
+        self.up_proj = SwitchLinear(hidden_size, intermediate_size, num_experts, bias)
+        self.down_proj = SwitchLinear(intermediate_size, hidden_size, num_experts, bias)
+        self.act = activation(act)
+
+    def experts(self, x, indices, sorted_indices: bool = False):
+        h = self.act(self.gate_proj(x, indices, sorted_indices)) * self.up_proj(x, indices, sorted_indices)
+        return self.down_proj(h, indices, sorted_indices)
+
+    def __call__(self, x, indices):
+        indices = mx.stop_gradient(indices)
+        if indices.size < SORT_FROM:
+            # x as (..., 1, 1, D): its batch axes (..., 1) broadcast against the indices (..., k).
+            return self.experts(mx.expand_dims(x, (-2, -3)), indices).squeeze(-2)
+        # One row per (token, slot), ordered by expert; put back in token order afterwards.
+        k, flat = indices.shape[-1], indices.reshape(-1)
+        order = mx.argsort(flat)
+        rows = x.reshape(-1, 1, x.shape[-1])[order // k]
+        y = self.experts(rows, flat[order], sorted_indices=True)[mx.argsort(order)]
+        return y.reshape(*indices.shape, -1)
+
+
+# --- the sparse block ---------------------------------------------------------------------------------------------
+
+
+class SparseMoE(nn.Module):
+    """Routed experts, plus a shared expert that every token goes through when the family has one:
+    y = sum_k w_k expert_{i_k}(x) + [sigmoid(shared_expert_gate(x)) *] shared_expert(x).
+
+    `route(logits) -> (indices, weights)` is a router above with the config's settings. `gate` replaces the plain
+    linear router where a family stores it otherwise (granitemoe's `router.layer`), under `gate_name`."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, route: Callable,
+                 act: str = "silu", bias: bool = False, shared: Optional[nn.Module] = None,
+                 shared_gate: bool = False, gate: Optional[nn.Module] = None, gate_name: str = "gate"):
+        super().__init__()
+        self.gate_name = gate_name
+        self[gate_name] = gate if gate is not None else nn.Linear(hidden_size, num_experts, bias=False)
+        self.switch_mlp = SwitchGLU(hidden_size, intermediate_size, num_experts, act, bias)
+        if shared is not None:
+            self.shared_expert = shared
+            if shared_gate:
+                self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False)
+        self.route = route
+        # Kept in full precision by `RoutedModel.quant_predicate` (see the module docstring).
+        self.float_children = frozenset({gate_name, "shared_expert_gate"})
+
+    def __call__(self, x):
+        indices, weights = self.route(self[self.gate_name](x))
+        y = (self.switch_mlp(x, indices) * weights[..., None].astype(x.dtype)).sum(axis=-2)
+        if "shared_expert" in self:
+            shared = self.shared_expert(x)
+            if "shared_expert_gate" in self:
+                shared = mx.sigmoid(self.shared_expert_gate(x)) * shared
+            y = y + shared
+        return y
+
+
+def is_sparse(index: int, num_experts: int, decoder_sparse_step: int = 1, mlp_only_layers: Sequence[int] = (),
+              first_dense: int = 0) -> bool:
+    """Whether decoder layer `index` has the MoE block rather than a dense MLP: not among the first `first_dense`
+    layers (DeepSeek's `first_k_dense_replace`) nor in `mlp_only_layers`, and every `decoder_sparse_step`-th
+    layer (counting from one), as qwen2_moe / qwen3_moe decide."""
+    if num_experts <= 0 or index < first_dense or index in (mlp_only_layers or ()):
+        return False
+    return (index + 1) % decoder_sparse_step == 0
+
+
+# --- weights and quantization -------------------------------------------------------------------------------------
+
+
+def stack_experts(block: str, names: dict, count: int, leaves: Sequence[str] = ("weight",)) -> list:
+    """Weight rules stacking per-expert checkpoint tensors `{block}.experts.{e}.{name}.{leaf}` into
+    `{block}.switch_mlp.{ours}.{leaf}`, for each `name: ours` of `names` (e.g. mixtral's {"w1": "gate_proj", ...});
+    `block` is a key template such as "model.layers.{i}.mlp"."""
+    return [Stack(f"{block}.experts.{{e}}.{name}.{leaf}", f"{block}.switch_mlp.{ours}.{leaf}", count)
+            for name, ours in names.items() for leaf in leaves]
+
+
+class RoutedModel:
+    """Mixin for the `Model` of a family with MoE blocks: its `quant_predicate` keeps each block's routers and
+    shared-expert gates (the blocks list them in `float_children`) in full precision."""
+
+    def float_paths(self) -> frozenset:
+        if "_float_paths" not in self.__dict__:
+            self.__dict__["_float_paths"] = frozenset(
+                f"{path}.{name}" for path, m in self.named_modules() for name in getattr(m, "float_children", ())
+                if name in m)
+        return self.__dict__["_float_paths"]
+
+    def quant_predicate(self, path: str, module) -> bool:
+        return not any(path == p or path.startswith(p + ".") for p in self.float_paths())
+
