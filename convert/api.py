@@ -153,6 +153,7 @@ def validated(source_folder: Path, out: Path, progress, log) -> validate.Report:
     report = validate.validate(source_folder, out, progress)
     validate.write_report(report, out)
     log(validate.summary_table(report))
+    log("gate time by part: " + ", ".join(f"{name} {s:.1f} s" for name, s in report.seconds.items()))
     return report
 
 

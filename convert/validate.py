@@ -96,7 +96,7 @@ class Report:
     weights: dict = field(default_factory=dict)  # stored tensors against their source tensors
     probes: dict = field(default_factory=dict)  # how the probes were built
     shadow: dict = field(default_factory=dict)  # long-range parity on the shadow model (convert/shadow.py)
-    seconds: dict = field(default_factory=dict)  # time per part of the gate
+    seconds: dict = field(default_factory=dict)  # time per part of the gate (logged, not in validation.json)
     cache_rel_error: Optional[float] = None
     batch_rel_error: Optional[float] = None
     tokenizer: dict = field(default_factory=dict)
@@ -109,7 +109,10 @@ class Report:
         return not self.failures
 
     def to_dict(self) -> dict:
-        return {"passed": self.passed, **asdict(self)}
+        """What validation.json holds: everything but the timings, so identical runs write identical bytes."""
+        out = {"passed": self.passed, **asdict(self)}
+        del out["seconds"]
+        return out
 
 
 def precision_of(config: dict) -> tuple:

@@ -12,7 +12,6 @@ import json
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,9 +79,11 @@ def deep_checkpoints(args):
         yield n, src
 
 
-def measured(command: list) -> tuple:
+def measured(command: list, log=None) -> tuple:
+    """(wall seconds, peak RSS in MB) of `command` in a fresh process; its stderr goes to the file `log` if given."""
+    stderr = f"open({str(log)!r}, 'w')" if log else "subprocess.DEVNULL"
     wrapper = [sys.executable, "-c", "import resource, subprocess, sys, time; t = time.time(); "
-               "subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL); "
+               f"subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL, stderr={stderr}); "
                "print(time.time() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)", *command]
     out = subprocess.run(wrapper, check=True, capture_output=True, text=True).stdout.split()
     return float(out[0]), int(out[1]) / 1024
@@ -113,7 +114,7 @@ def main():
                            str(out_b), *theirs_flags])
         rows.append((name, ours, theirs))
     print(f"\nshape {args.shape}; wall seconds and peak RSS (MB) per command\n")
-    print(f"| case | mlx-convert s | mlx_lm.convert s | speed-up | mlx-convert MB | mlx_lm MB | memory ratio |")
+    print("| case | mlx-convert s | mlx_lm.convert s | speed-up | mlx-convert MB | mlx_lm MB | memory ratio |")
     print("|---|---|---|---|---|---|---|")
     for name, (ts, tm), (os_, om) in rows:
         print(f"| {name} | {ts:.1f} | {os_:.1f} | {os_ / ts:.2f}x | {tm:,.0f} | {om:,.0f} | {tm / om:.2f} |")

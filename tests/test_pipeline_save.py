@@ -84,3 +84,16 @@ def test_model_card(tmp_path):
     assert "mixed_4_6" in card and "Source revision" in card and "from mlx_lm import load" in card
     assert "| result | passed |" in card
     assert (result.path / "LICENSE").read_bytes() == (src / "LICENSE").read_bytes()
+
+
+def test_identical_runs_write_identical_bytes(tmp_path):
+    """Same input, same arguments: every output file is byte-identical (no timestamps, timings or random order),
+    the model card and validation.json included."""
+    src = make_checkpoint(tmp_path / "src", "qwen2", dtype="bfloat16")
+    out = tmp_path / "out"
+    convert(str(src), out, quantize=True, q_group_size=32)
+    first = {f.name: f.read_bytes() for f in out.iterdir()}
+    convert(str(src), out, quantize=True, q_group_size=32, overwrite=True)
+    second = {f.name: f.read_bytes() for f in out.iterdir()}
+    assert sorted(first) == sorted(second) and "validation.json" in first and "README.md" in first
+    assert [name for name in first if first[name] != second[name]] == []

@@ -77,6 +77,11 @@ def sigmoid_topk(logits: mx.array, k: int, correction_bias: Optional[mx.array] =
 # --- gathered expert layers ---------------------------------------------------------------------------------------
 
 
+def _expert_bias(layer, y, indices):
+    """y plus each chosen expert's bias (bias (n_experts, out) -> (..., 1, out) per index)."""
+    return y + mx.expand_dims(layer.bias[indices], -2) if "bias" in layer else y
+
+
 class SwitchLinear(nn.Module):
     """`n_experts` linear layers in one: weight (n_experts, out, in), optional bias (n_experts, out).
 
@@ -90,47 +95,49 @@ class SwitchLinear(nn.Module):
         if bias:
             self.bias = mx.zeros((num_experts, output_dims))
 
-    def _add_bias(self, y, indices):
-        return y + mx.expand_dims(self.bias[indices], -2) if "bias" in self else y
-
     def __call__(self, x, indices, sorted_indices: bool = False):
-        y = mx.gather_mm(x, self.weight.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices)
-        return self._add_bias(y, indices)
+        w = self.weight.swapaxes(-1, -2)
+        if x.dtype != mx.float32 and mx.default_device().type == mx.cpu:
+            # MLX's CPU kernel of gather_mm takes float32 only (0.32): compute there in float32.
+            y = mx.gather_mm(x.astype(mx.float32), w.astype(mx.float32), rhs_indices=indices,
+                             sorted_indices=sorted_indices).astype(x.dtype)
+        else:
+            y = mx.gather_mm(x, w, rhs_indices=indices, sorted_indices=sorted_indices)
+        return _expert_bias(self, y, indices)
 
-    def to_quantized(self, group_size: int = 64, bits: int = 4, mode: str = "affine"):
+    def to_quantized(self, group_size: int = 64, bits: int = 4, mode: str = "affine") -> "QuantizedSwitchLinear":
         """What `nn.quantize` calls: the quantized twin holding this layer's experts."""
-        return QuantizedSwitchLinear.from_float(self, group_size, bits, mode)
+        num_experts, output_dims, input_dims = self.weight.shape
+        q = QuantizedSwitchLinear(input_dims, output_dims, num_experts, "bias" in self, group_size, bits, mode)
+        q.quantize_weight(self.weight)  # the placeholder's quantization stays an unevaluated graph, dropped here
+        if "bias" in self:
+            q.bias = self.bias
+        return q
 
 
-class QuantizedSwitchLinear(SwitchLinear):
-    """SwitchLinear whose weight is stored as `mx.quantize` packs it, expert by expert along the input axis."""
+class QuantizedSwitchLinear(nn.Module):
+    """SwitchLinear with its weight stored as `mx.quantize` packs it (each expert's rows in groups along the input
+    axis), computed with `mx.gather_qmm`."""
 
     def __init__(self, input_dims: int, output_dims: int, num_experts: int, bias: bool = False,
                  group_size: int = 64, bits: int = 4, mode: str = "affine"):
-        super().__init__(input_dims, output_dims, num_experts, bias)
+        super().__init__()
         self.group_size, self.bits, self.mode = group_size, bits, mode
-        self._set_weight(self.weight)
+        self.quantize_weight(mx.zeros((num_experts, output_dims, input_dims)))
+        if bias:
+            self.bias = mx.zeros((num_experts, output_dims))
         self.freeze()
 
-    def _set_weight(self, weight):
+    def quantize_weight(self, weight):
         self.weight, self.scales, *biases = mx.quantize(weight, self.group_size, self.bits, mode=self.mode)
         if biases:  # affine mode only
             self.biases = biases[0]
-
-    @classmethod
-    def from_float(cls, layer: SwitchLinear, group_size: int, bits: int, mode: str) -> "QuantizedSwitchLinear":
-        num_experts, output_dims, input_dims = layer.weight.shape
-        q = cls(input_dims, output_dims, num_experts, "bias" in layer, group_size, bits, mode)
-        q._set_weight(layer.weight)  # the placeholder's quantization stays an unevaluated graph, dropped here
-        if "bias" in layer:
-            q.bias = layer.bias
-        return q
 
     def __call__(self, x, indices, sorted_indices: bool = False):
         y = mx.gather_qmm(x, self.weight, self.scales, self.get("biases"), rhs_indices=indices, transpose=True,
                           group_size=self.group_size, bits=self.bits, mode=self.mode,
                           sorted_indices=sorted_indices)
-        return self._add_bias(y, indices)
+        return _expert_bias(self, y, indices)
 
 
 def _switch_to_float(module: QuantizedSwitchLinear) -> SwitchLinear:
