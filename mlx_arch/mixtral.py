@@ -33,10 +33,12 @@ class ModelArgs(llama.ModelArgs):
 
 
 class Model(RoutedModel, llama.Model):
+    def router(self):
+        return partial(softmax_topk, k=self.args.num_experts_per_tok, normalize=True)
+
     def mlp(self, index: int) -> SparseMoE:
         a = self.args
-        route = partial(softmax_topk, k=a.num_experts_per_tok, normalize=True)
-        return SparseMoE(a.hidden_size, a.intermediate_size, a.num_local_experts, route, a.hidden_act)
+        return SparseMoE(a.hidden_size, a.intermediate_size, a.num_local_experts, self.router(), a.hidden_act)
 
     def layer(self, index: int, kind: LayerKind) -> ResidualBlock:
         return ResidualBlock(self.attention(index, kind), self.mlp(index), self.norm,
@@ -44,5 +46,5 @@ class Model(RoutedModel, llama.Model):
 
     def weight_rules(self) -> list:
         names = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
-        return super().weight_rules() + stack_experts("model.layers.{i}.block_sparse_moe", names,
-                                                      self.args.num_local_experts)
+        return super().weight_rules() + stack_experts("model.layers.{i}.block_sparse_moe",
+                                                      self.args.num_local_experts, names)

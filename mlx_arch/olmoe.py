@@ -11,7 +11,6 @@ from typing import Optional
 from . import llama, olmo, olmo2
 from .core.kinds import LayerKind
 from .core.moe import RoutedModel, SparseMoE, softmax_topk, stack_experts
-from .qwen2_moe import EXPERT_PROJECTIONS
 
 
 @dataclass
@@ -47,4 +46,4 @@ class Model(RoutedModel, llama.Model):
         return SparseMoE(a.hidden_size, a.intermediate_size, a.num_experts, route, a.hidden_act)
 
     def weight_rules(self) -> list:
-        return super().weight_rules() + stack_experts("model.layers.{i}.mlp", EXPERT_PROJECTIONS, self.args.num_experts)
+        return super().weight_rules() + stack_experts("model.layers.{i}.mlp", self.args.num_experts)

@@ -16,8 +16,6 @@ from . import qwen2
 from .core.layers import MLP, Attention
 from .core.moe import RoutedModel, SparseMoE, is_sparse, softmax_topk, stack_experts
 
-EXPERT_PROJECTIONS = {name: name for name in ("gate_proj", "up_proj", "down_proj")}
-
 
 @dataclass
 class ModelArgs(qwen2.ModelArgs):
@@ -66,4 +64,4 @@ class Model(RoutedModel, qwen2.Model):
                          shared=self.shared_expert(), shared_gate=True)
 
     def weight_rules(self) -> list:
-        return super().weight_rules() + stack_experts("model.layers.{i}.mlp", EXPERT_PROJECTIONS, self.args.num_experts)
+        return super().weight_rules() + stack_experts("model.layers.{i}.mlp", self.args.num_experts)

@@ -16,8 +16,9 @@ activations' dtype (transformers routes in float32 too):
 Routers and shared-expert gates stay in full precision when a model is quantized (`RoutedModel.quant_predicate`):
 they are a few thousandths of a layer's weights, and their error does not average out like a projection's: it moves
 a near-tied token to another expert (or rescales a whole shared MLP), i.e. it changes what is computed rather than
-adding noise to it. mlx-lm quantizes them at 8 bits in some families and not at all in others; a float router costs
-nothing measurable and reads the same in both (no `scales`: mlx-lm keeps it float).
+adding noise to it. mlx-lm's own conversions quantize them at 8 bits (qwen3_moe, granitemoe) or at the model's bits
+(mixtral, qwen2_moe, olmoe, phimoe); a float router costs nothing measurable, and mlx-lm loads it as float (it
+quantizes only layers saved with `scales`).
 """
 
 from typing import Callable, Optional, Sequence
@@ -236,10 +237,15 @@ def is_sparse(index: int, num_experts: int, decoder_sparse_step: int = 1, mlp_on
 # --- weights and quantization -------------------------------------------------------------------------------------
 
 
-def stack_experts(block: str, names: dict, count: int, leaves: Sequence[str] = ("weight",)) -> list:
+GLU_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+def stack_experts(block: str, count: int, names: Optional[dict] = None,
+                  leaves: Sequence[str] = ("weight",)) -> list:
     """Weight rules stacking per-expert checkpoint tensors `{block}.experts.{e}.{name}.{leaf}` into
-    `{block}.switch_mlp.{ours}.{leaf}`, for each `name: ours` of `names` (e.g. mixtral's {"w1": "gate_proj", ...});
-    `block` is a key template such as "model.layers.{i}.mlp"."""
+    `{block}.switch_mlp.{ours}.{leaf}` for each `name: ours` of `names` (e.g. mixtral's {"w1": "gate_proj", ...});
+    by default the checkpoint already uses our names. `block` is a key template such as "model.layers.{i}.mlp"."""
+    names = names or {name: name for name in GLU_PROJECTIONS}
     return [Stack(f"{block}.experts.{{e}}.{name}.{leaf}", f"{block}.switch_mlp.{ours}.{leaf}", count)
             for name, ours in names.items() for leaf in leaves]
 
