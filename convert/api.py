@@ -11,7 +11,7 @@ from typing import Callable, Optional
 
 from mlx.utils import tree_flatten
 
-from . import card, quantize as q, save, source, validate
+from . import card, checks, quantize as q, save, source, validate
 from .errors import ConvertError
 from .plan import GB, ConvertPlan
 
@@ -55,10 +55,15 @@ def convert(hf_path: str, mlx_path=None, *, revision: Optional[str] = None, quan
 def run(plan: ConvertPlan, progress: Optional[Callable] = None, log: Optional[Callable] = None) -> ConvertResult:
     """The stages in order; each takes what the previous ones produced. Nothing is written before `save`."""
     log = log or (lambda message: None)
-    start = time.time()
     save.check_target(plan.mlx_path, plan.overwrite)
+    with save.locked(plan.mlx_path):
+        return _run(plan, progress, log)
+
+
+def _run(plan: ConvertPlan, progress, log) -> ConvertResult:
+    start = time.time()
     src = source.preflight(plan)
-    q.check_applicable(src.config, plan)
+    preflight_checks(plan, src)
     log(f"pre-flight: {src.config['model_type']} from {src.repo_id or src.folder}, weights: "
         f"{len(src.weight_files)} file(s)")
     if src.ignored_code:
@@ -73,6 +78,21 @@ def run(plan: ConvertPlan, progress: Optional[Callable] = None, log: Optional[Ca
     if plan.upload_repo:
         result.published = upload(plan, src, log)
     return result
+
+
+def preflight_checks(plan: ConvertPlan, src):
+    """What else can fail the run, checked before any weight is downloaded (convert/checks.py)."""
+    checks.check_config(src.config)
+    q.check_applicable(src.config, plan)
+    checks.check_tokenizer_files(src.files, plan)
+    weight_bytes = src.weight_bytes()
+    if weight_bytes is not None:
+        needed = checks.estimated_output_bytes(src.config, weight_bytes, plan, q.target_dtype(plan, src.config))
+        if any(f.endswith(".bin") for f in src.weight_files):
+            needed += weight_bytes  # .bin sources are rewritten beside the output to be read lazily
+        checks.check_room(plan.mlx_path, needed, "the output")
+    if plan.upload_repo:
+        checks.check_publish_target(plan, src.repo_id, source.hub_endpoint(plan))
 
 
 @dataclass

@@ -3,8 +3,11 @@
 import errno
 import os
 import re
+import signal
 import sys
 import textwrap
+import traceback
+from pathlib import Path
 
 import click
 
@@ -78,6 +81,8 @@ def cli(**flags):
       mlx-convert --hf-path ./my-checkpoint --quant-recipe mixed_4_6 --mlx-path out
       mlx-convert --hf-path org/Model -q --upload-repo me/Model-4bit
 
+    Add --verbose to any command to see the full traceback behind an error.
+
     Environment: HF_TOKEN (or `hf auth login`), HF_HOME, HF_ENDPOINT, HF_HUB_OFFLINE work as in huggingface_hub.
     MLX_CONVERT_BLAS=none keeps MLX's bundled CPU BLAS (Linux; default: OpenBLAS, much faster for the gate).
 
@@ -137,12 +142,25 @@ def _supported_types_help() -> str:
 cli.help = (cli.help or "") + _supported_types_help()
 
 
+ISSUES_URL = "https://github.com/mlx-convert/mlx-convert/issues"
+
+
+def _terminate(signum, frame):
+    # SIGTERM takes the same way out as Ctrl-C: staging and scratch folders are removed on the way.
+    raise KeyboardInterrupt
+
+
 def main(argv=None):
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = "--verbose" in argv
+    if verbose:
+        argv.remove("--verbose")
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         cli.main(args=argv, standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("Aborted.", err=True)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        click.echo("Interrupted: no partial output was left behind.", err=True)
         sys.exit(130)
     except click.ClickException as e:
         e.show()
@@ -151,8 +169,29 @@ def main(argv=None):
         click.echo(f"Error: {e}", err=True)
         sys.exit(1)
     except OSError as e:  # disk full, no permission, ...: the staging and scratch folders are already gone
+        _traceback(verbose)
         click.echo(f"Error: {os_error_message(e)}", err=True)
         sys.exit(1)
+    except Exception as e:  # a fault in our own code: say so, briefly, and where to report it
+        _traceback(verbose)
+        click.echo(f"Error: {internal_error_message(e)}", err=True)
+        sys.exit(2)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _traceback(verbose: bool):
+    if verbose:
+        traceback.print_exc()
+
+
+def internal_error_message(e: Exception) -> str:
+    frame = traceback.extract_tb(e.__traceback__)[-1] if e.__traceback__ else None
+    where = f" at {Path(frame.filename).name}:{frame.lineno}" if frame else ""
+    text = (str(e).splitlines() or [""])[0][:200]
+    return (f"internal error in mlx-convert ({type(e).__name__}{': ' + text if text else ''}{where}); this is a "
+            f"bug, not your input: please report it at {ISSUES_URL} with the output of the same command run with "
+            "--verbose. Nothing was left in the output folder.")
 
 
 def os_error_message(e: OSError) -> str:

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from .retry import with_retries
+
 
 class PublishError(RuntimeError):
     pass
@@ -62,10 +64,11 @@ def publish(folder, repo_id: str, message: str, *, description: str = "", privat
         return PublishResult(repo_id, f"{base}/{repo_id}", files, dry_run=True)
     api = HfApi(endpoint=endpoint, token=token)
     try:
-        url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        commit = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
-                                   commit_message=message, commit_description=description)
-        verify_remote(files, remote_files(api, repo_id, commit.oid))
+        url = with_retries(lambda: api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model"))
+        # One commit: a failed upload leaves the repo as it was, so a retry never publishes half a model.
+        commit = with_retries(lambda: api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
+                                                        commit_message=message, commit_description=description))
+        verify_remote(files, with_retries(lambda: remote_files(api, repo_id, commit.oid)))
     except PublishError:
         raise
     except Exception as e:  # network, auth and Hub errors: one line, never the token

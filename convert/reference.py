@@ -172,9 +172,16 @@ def build_reference(folder):
     """The transformers model of `folder` with parameters on the meta device, float32, eval mode."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
-    with parameters_on_meta():
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    try:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+        with parameters_on_meta():
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    except (ValueError, TypeError, KeyError, AttributeError, OSError) as e:  # the config, not our code
+        from .errors import ConvertError
+
+        raise ConvertError(f"transformers cannot build the reference model from this config.json ({type(e).__name__}: "
+                           f"{(str(e).splitlines() or [''])[0][:160]}), so the gate cannot run: fix the config, or pass "
+                           "--skip-validation to convert without proof") from None
     return model.eval()
 
 

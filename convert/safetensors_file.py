@@ -9,8 +9,13 @@ from typing import Callable
 from .errors import ConvertError
 
 
+ITEM_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "E8M0": 1, "F4": 1, "I16": 2, "U16": 2,
+              "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+
+
 def check(path: Path):
-    """Header parses and the data section is as long as the header says (catches truncated downloads)."""
+    """Header parses, every entry is well formed (dtype, shape, offsets that match its size), and the data section
+    is as long as the header says (catches truncated downloads and corrupt headers before MLX reads them)."""
     size = path.stat().st_size
     try:
         with open(path, "rb") as f:
@@ -18,12 +23,36 @@ def check(path: Path):
             if length > size - 8:
                 raise ValueError("header longer than the file")
             header = json.loads(f.read(length))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+        end = max((entry_end(k, t) for k, t in header.items() if k != "__metadata__"), default=0)
     except (struct.error, ValueError, UnicodeDecodeError) as e:
         raise ConvertError(f"{path.name} is not a valid safetensors file ({e}); re-download it") from None
-    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
     if 8 + length + end != size:
         raise ConvertError(f"{path.name} is truncated or corrupt ({size} bytes, header expects "
                            f"{8 + length + end}); re-download it")
+
+
+def entry_end(name: str, entry) -> int:
+    """The end offset of a well-formed tensor entry; ValueError naming the tensor otherwise."""
+    if not isinstance(entry, dict):
+        raise ValueError(f"entry {name!r} is not an object")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in ITEM_BYTES:
+        raise ValueError(f"tensor {name!r} has unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                              for d in shape):
+        raise ValueError(f"tensor {name!r} has an invalid shape {shape!r}")
+    if (not isinstance(offsets, list) or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets) or not 0 <= offsets[0] <= offsets[1]):
+        raise ValueError(f"tensor {name!r} has invalid data_offsets {offsets!r}")
+    count = 1
+    for d in shape:
+        count *= d
+    expected = count * ITEM_BYTES[dtype] // (2 if dtype == "F4" else 1)
+    if offsets[1] - offsets[0] != expected:
+        raise ValueError(f"tensor {name!r} holds {offsets[1] - offsets[0]} bytes, its shape needs {expected}")
+    return offsets[1]
 
 
 def write(path: Path, entries: list, fmt: str) -> int:

@@ -129,6 +129,57 @@ def fresh_sibling(target: Path, kind: str) -> Path:
 
 
 @contextlib.contextmanager
+def locked(target: Path):
+    """Hold `target`'s lock for the whole run: a second run aimed at the same folder stops at once with a clear
+    message instead of interleaving. Also clears what runs killed outright (SIGKILL) left: hidden staging and
+    scratch siblings of dead processes, which are never mistaken for an output (only a finished staging folder is
+    renamed into place)."""
+    import fcntl
+
+    target = Path(target).absolute()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = target.parent / f".{target.name}.lock"
+    handle = open(lock_path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        owner = handle.read().strip() or "unknown"
+        handle.close()
+        raise ConvertError(f"another mlx-convert run (pid {owner}) is writing {target}: wait for it to finish or "
+                           "choose another --mlx-path") from None
+    try:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        remove_stale_siblings(target)
+        yield
+    finally:
+        lock_path.unlink(missing_ok=True)
+        handle.close()
+
+
+def remove_stale_siblings(target: Path):
+    """Staging and scratch folders of runs that no longer exist (their pid is in the folder name)."""
+    for kind in ("partial", "scratch", "old"):
+        for folder in target.parent.glob(f".{target.name}.{kind}-*"):
+            pid = folder.name.rsplit("-", 1)[-1]
+            if folder.is_dir() and pid.isdigit() and not pid_alive(int(pid)):
+                shutil.rmtree(folder, ignore_errors=True)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
 def scratch(target: Path):
     """A hidden sibling folder of `target` for intermediate files (e.g. `.bin` sources rewritten as safetensors),
     removed at the end however the run ends. Beside the output, so on a disk that was chosen to hold a model."""

@@ -10,6 +10,7 @@ from typing import Optional
 import mlx_arch
 
 from .errors import ConvertError
+from .retry import transient
 from .plan import ConvertPlan
 
 SIDE_FILES = [
@@ -37,6 +38,12 @@ class Source:
     folder: Optional[Path] = None
     files: list = field(default_factory=list)
     ignored_code: str = ""  # the repo's own code, neither fetched nor run: its model_type is native to both sides
+    sizes: dict = field(default_factory=dict)  # file sizes in bytes, where known before downloading
+
+    def weight_bytes(self) -> Optional[int]:
+        if not all(f in self.sizes for f in self.weight_files):
+            return None
+        return sum(self.sizes[f] for f in self.weight_files)
 
 
 def hub_endpoint(plan: ConvertPlan) -> Optional[str]:
@@ -90,9 +97,14 @@ def native(model_type: str) -> bool:
 def check_source(config: dict, files: list, plan: ConvertPlan) -> str:
     """Refusals that need only the config and the file list; returns the repo's own code that is ignored because
     its model_type is native (official repos of Phi-3, DeepSeek, GLM, ... still ship modeling files)."""
+    if not isinstance(config, dict):
+        raise ConvertError("config.json does not hold a JSON object")
     model_type = config.get("model_type")
-    if not model_type:
-        raise ConvertError("config.json has no model_type: cannot tell the architecture")
+    if not model_type or not isinstance(model_type, str):
+        raise ConvertError("config.json has no model_type (a string): cannot tell the architecture")
+    for key in ("quantization_config", "quantization", "rope_parameters", "rope_scaling", "text_config"):
+        if config.get(key) is not None and not isinstance(config[key], dict):
+            raise ConvertError(f"config.json: {key} = {config[key]!r} is not a JSON object; fix the config")
     code = custom_code(config, files)
     if code and not native(model_type):
         raise ConvertError(f"this checkpoint asks for its own code ({code}) and {model_type!r} has no native "
@@ -132,11 +144,13 @@ def _read_json(path: Path) -> dict:
 
 
 def _local_source(folder: Path, plan: ConvertPlan) -> Source:
-    files = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
+    paths = {p.relative_to(folder).as_posix(): p for p in folder.rglob("*") if p.is_file()}
+    files = list(paths)
     config = _read_json(folder / "config.json")
     code = check_source(config, files, plan)
     weights = choose_weight_files(files, lambda name: _read_json(folder / name))
-    return Source(config, weights, folder=folder, files=files, ignored_code=code)
+    sizes = {f: paths[f].stat().st_size for f in weights if f in paths}
+    return Source(config, weights, folder=folder, files=files, ignored_code=code, sizes=sizes)
 
 
 def _hub_source(plan: ConvertPlan) -> Source:
@@ -146,8 +160,11 @@ def _hub_source(plan: ConvertPlan) -> Source:
         return _cached_source(plan)
     endpoint = hub_endpoint(plan)
     with hub_errors(plan.hf_path, endpoint):
-        info = HfApi(endpoint=endpoint, token=plan.token).model_info(plan.hf_path, revision=plan.revision)
+        # huggingface_hub retries downloads and metadata requests itself (5xx, 429, timeouts, dropped connections)
+        info = HfApi(endpoint=endpoint, token=plan.token).model_info(plan.hf_path, revision=plan.revision,
+                                                                     files_metadata=True)
         files = [s.rfilename for s in info.siblings or []]
+        sizes = {s.rfilename: s.size for s in info.siblings or [] if s.size is not None}
         if "config.json" not in files:
             raise ConvertError(f"{plan.hf_path} has no config.json: not a transformers checkpoint")
 
@@ -158,7 +175,8 @@ def _hub_source(plan: ConvertPlan) -> Source:
         config = download("config.json")
         code = check_source(config, files, plan)
         weights = choose_weight_files(files, download)
-    return Source(config, weights, repo_id=plan.hf_path, commit=info.sha, files=files, ignored_code=code)
+    return Source(config, weights, repo_id=plan.hf_path, commit=info.sha, files=files, ignored_code=code,
+                  sizes=sizes)
 
 
 def _cached_source(plan: ConvertPlan) -> Source:
@@ -195,6 +213,23 @@ def fetch(plan: ConvertPlan, source: Source) -> Path:
     return source.folder
 
 
+def chain(error: BaseException) -> list:
+    """The error and the errors it was raised from, outermost first."""
+    out = [error]
+    while out[-1].__cause__ or out[-1].__context__:
+        out.append(out[-1].__cause__ or out[-1].__context__)
+    return out
+
+
+def server_error(error: BaseException):
+    """The HTTP status of a transient Hub failure (5xx, 429) behind `error`, or None."""
+    for e in chain(error):
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        if status is not None and transient(e):
+            return status
+    return None
+
+
 class hub_errors:
     """Turn huggingface_hub and network errors into one-line ConvertErrors (never echoing a token)."""
 
@@ -217,6 +252,13 @@ class hub_errors:
         if isinstance(error, errors.RepositoryNotFoundError):
             raise ConvertError(f"{self.repo_id} not found on {self.endpoint} (if it is private or gated, log in "
                                "with `hf auth login` or set HF_TOKEN)") from None
+        status = server_error(error)
+        if status:  # huggingface_hub retried with backoff, then (for downloads) looked in the cache in vain
+            raise ConvertError(f"{self.endpoint} kept failing (HTTP {status}) while downloading {self.repo_id}, "
+                               "after retries with backoff; try again later") from None
+        if isinstance(error, errors.LocalEntryNotFoundError) and not hub_offline():
+            raise ConvertError(f"cannot reach {self.endpoint} ({type(chain(error)[-1]).__name__}); check the "
+                               "network or HF_ENDPOINT, or pass a local folder") from None
         if isinstance(error, errors.LocalEntryNotFoundError):
             raise ConvertError(f"HF_HUB_OFFLINE is set and {self.repo_id} is not in the local cache: unset it or "
                                "pass a local folder") from None

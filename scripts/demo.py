@@ -38,7 +38,7 @@ def main():
 
     from hub_server import LocalHub
 
-    with LocalHub(tempfile.mkdtemp(prefix="hub-", dir=work)) as hub:
+    with LocalHub(tempfile.mkdtemp(prefix="hub-", dir=work), user=TARGET.split("/")[0]) as hub:
         hub.seed(SOURCE, source)
         print(f"[2/4] local Hub at {hub.endpoint} serving {SOURCE}")
         env = {**os.environ, "HF_ENDPOINT": hub.endpoint, "HF_TOKEN": "hf_demo_token", "HF_HUB_DISABLE_XET": "1",

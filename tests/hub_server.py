@@ -41,7 +41,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 # Same spirit as the Hub: big files and weight formats go through LFS.
 LFS_MIN_SIZE = 10 * 1024 * 1024
 LFS_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth", ".npz", ".msgpack", ".h5", ".onnx")
-DEFAULT_USER = "local-user"
+DEFAULT_USER = "me"  # tests publish to me/...; whoami names this user (and `orgs`)
 CHUNK = 1024 * 1024
 
 
@@ -271,6 +271,16 @@ class _Handler(BaseHTTPRequestHandler):
         body = self._read_body()  # always drain the body, or the next request on this connection breaks
         self.token = self._bearer_token()
         self.hub._record(self.command, unquote(url.path), self.token)
+        fault = self.hub._take_fault(self.command, unquote(url.path))
+        if fault == "drop":  # a dropped connection: no response at all
+            self.close_connection = True
+            self.connection.shutdown(2)
+            return
+        if fault is not None:
+            time.sleep(fault.get("delay", 0))
+            if fault.get("status"):
+                self._send_json(fault["status"], {"error": "injected fault"})
+                return
         try:
             for method, pattern, name in ROUTES:
                 match = re.fullmatch(pattern, url.path) if method == self.command else None
@@ -322,6 +332,8 @@ class _Handler(BaseHTTPRequestHandler):
         # Any token is accepted unless the hub was given a list of valid ones.
         if not self.token or (self.hub.write_tokens is not None and self.token not in self.hub.write_tokens):
             raise HubError(401, "Invalid credentials in Authorization header")
+        if self.token in self.hub.read_tokens:
+            raise HubError(403, "You don't have the rights to create a model under this namespace")
 
     def _readable(self, repo: str) -> dict:
         # Like the Hub: a private repo looks missing without a token (any token is accepted).
@@ -342,7 +354,10 @@ class _Handler(BaseHTTPRequestHandler):
         if not self.token:
             raise HubError(401, "Invalid credentials in Authorization header")
         access = {"displayName": "local-hub", "role": "write"}
-        return {"type": "user", "name": self.hub.user, "fullname": self.hub.user, "orgs": [],
+        if self.token in self.hub.read_tokens:
+            access["role"] = "read"
+        return {"type": "user", "name": self.hub.user, "fullname": self.hub.user,
+                "orgs": [{"name": org} for org in sorted(self.hub.orgs)],
                 "auth": {"type": "access_token", "accessToken": access}}
 
     def _repo_id_from(self, body: bytes) -> tuple[str, dict]:
@@ -536,6 +551,9 @@ class LocalHub:
         self.storage.root.mkdir(parents=True, exist_ok=True)
         self.user, self.host, self.port = user, host, port
         self.write_tokens = write_tokens
+        self.read_tokens: set = set()  # tokens whoami reports as read-only, and that cannot write
+        self.faults: list = []  # injected failures, see `fail`
+        self.orgs: set = {"org", "acme"}  # organisations whoami lists for the user
         self.gated: dict[str, set] = {}
         self.requests_log: list[tuple[str, str]] = []
         self.last_token: str | None = None
@@ -545,6 +563,18 @@ class LocalHub:
     @property
     def endpoint(self) -> str:
         return f"http://{self.host}:{self.port}"
+
+    def fail(self, times: int = 1, status: int = 503, match: str = "", delay: float = 0.0, drop: bool = False):
+        """Make the next `times` requests whose path contains `match` fail: with HTTP `status`, after `delay`
+        seconds (a slow answer), or by dropping the connection (`drop`)."""
+        self.faults.append({"times": times, "status": status, "match": match, "delay": delay, "drop": drop})
+
+    def _take_fault(self, method: str, path: str):
+        for fault in self.faults:
+            if fault["times"] > 0 and fault["match"] in path:
+                fault["times"] -= 1
+                return "drop" if fault["drop"] else fault
+        return None
 
     def _record(self, method: str, path: str, token: str | None) -> None:
         self.requests_log.append((method, path))
