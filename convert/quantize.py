@@ -89,6 +89,16 @@ def layer_settings(model, plan: ConvertPlan) -> tuple:
     return settings, skipped
 
 
+def excluded_layers(model) -> list:
+    """Quantizable layers the model's `quant_predicate` keeps in full precision (routers, gates): recorded as False
+    per layer in config.json, so every reader sees the same thing."""
+    hook = getattr(model, "quant_predicate", None)
+    if hook is None:
+        return []
+    return [path for path, module in model.named_modules()
+            if path and hasattr(module, "to_quantized") and not hook(path, module)]
+
+
 def check_applicable(config: dict, plan: ConvertPlan):
     """Refuse, from the config alone (before any weight is fetched), a quantization that would leave every
     layer in full precision."""
@@ -103,11 +113,12 @@ def check_applicable(config: dict, plan: ConvertPlan):
 
 def quantize(model, plan: ConvertPlan) -> QuantReport:
     settings, skipped = layer_settings(model, plan)
+    excluded = excluded_layers(model)
     nn.quantize(model, class_predicate=lambda path, module: settings.get(path, False))
     default = {"group_size": plan.q_group_size, "bits": plan.q_bits, "mode": plan.q_mode}
     # mlx-lm reads per-layer entries: a dict where a layer differs from the default, False where it stays float.
     overrides = {path: params for path, params in settings.items() if params != default}
-    overrides.update({path: False for path in skipped})
+    overrides.update({path: False for path in [*excluded, *skipped]})
     return QuantReport(config={**default, **overrides}, skipped=[f"{p} ({why})" for p, why in skipped.items()])
 
 

@@ -79,9 +79,11 @@ def shrink(config: dict, config_class) -> dict:
         config[kv_key] = HEADS if config[kv_key] == heads else (1 if config[kv_key] == 1 else HEADS // 2)
     config[key("num_attention_heads")] = HEADS
     config[key("hidden_size")] = HEADS * head_dim
-    for width in ("intermediate_size", "n_inner", "ffn_hidden_size"):
+    for width in ("intermediate_size", "n_inner", "ffn_hidden_size", "moe_intermediate_size",
+                  "shared_expert_intermediate_size"):
         if config.get(width):
             config[width] = WIDTH
+    shrink_experts(config)
     config[key("vocab_size")] = VOCAB
     for token in ("pad_token_id", "bos_token_id", "eos_token_id"):
         if isinstance(config.get(token), int) and config[token] >= VOCAB:
@@ -92,6 +94,25 @@ def shrink(config: dict, config_class) -> dict:
             config[name] = [value[i] for i in keep]
     config[key("num_hidden_layers")] = len(keep)
     return config
+
+
+EXPERTS = 8  # experts per MoE layer in the shadow (top-k and groups shrunk to fit)
+_EXPERT_COUNTS = ("num_local_experts", "num_experts", "n_routed_experts")
+_TOP_K = ("num_experts_per_tok", "top_k", "moe_topk")
+
+
+def shrink_experts(config: dict):
+    """At most EXPERTS experts, top-k below that (a wrong router must still show), one expert group."""
+    for key in _EXPERT_COUNTS:
+        if isinstance(config.get(key), int) and config[key] > EXPERTS:
+            config[key] = EXPERTS
+    experts = min([config[k] for k in _EXPERT_COUNTS if isinstance(config.get(k), int)] or [EXPERTS])
+    for key in _TOP_K:
+        if isinstance(config.get(key), int) and config[key] >= experts:
+            config[key] = max(1, experts // 4)
+    for key in ("n_group", "topk_group"):
+        if isinstance(config.get(key), int) and config[key] > 1:
+            config[key] = 1
 
 
 def randomize(model, seed: int = 0):

@@ -91,6 +91,8 @@ def randomize(model, seed: int = 0, std: float = 0.05):
 _V4_NAMES = {"gpt_neox": {"rope_theta": "rotary_emb_base", "partial_rotary_factor": "rotary_pct"}}
 # InternLM3 checkpoints (remote code) name its biases `qkv_bias` / `bias`; InternLM3Config maps them.
 _V4_NAMES["internlm3"] = {"attention_bias": "qkv_bias", "mlp_bias": "bias"}
+# Qwen3-MoE Hub configs say `num_experts`; transformers 5 writes `num_local_experts`.
+_V4_NAMES["qwen3_moe"] = {"num_local_experts": "num_experts"}
 # Families whose transformers-4 configs kept the sliding layers' RoPE base in its own top-level key.
 _V4_LOCAL_ROPE = {"gemma3_text": "rope_local_base_freq"}
 

@@ -234,8 +234,6 @@ def test_4bit_conversion_stores_routers_float_and_mlx_lm_reads_them_so(qwen2_moe
     assert rel_error(mlx_lm_logits(path), ours(path)) <= 1e-5
 
 
-@pytest.mark.xfail(strict=True, reason="convert/quantize.py layer_settings drops the layers a model's quant_predicate "
-                                       "excludes instead of recording them as False (see the MoE report)")
 def test_4bit_conversion_records_routers_as_false(qwen2_moe_4bit):
     quant_config = json.loads((qwen2_moe_4bit.path / "config.json").read_text())["quantization"]
     for i in range(2):

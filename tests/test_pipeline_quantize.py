@@ -46,7 +46,7 @@ def test_model_quant_predicate_can_exclude_a_layer_or_set_its_bits(source, tmp_p
     monkeypatch.setattr(mlx_arch.get_architecture("llama").Model, "quant_predicate", predicate, raising=False)
     result = convert(str(source), tmp_path / "out", quantize=True, skip_validation=True)
     quant = json.loads((result.path / "config.json").read_text())["quantization"]
-    assert "lm_head" not in quant and quant["model.layers.5.mlp.down_proj"]["bits"] == 8
+    assert quant["lm_head"] is False and quant["model.layers.5.mlp.down_proj"]["bits"] == 8
     model, _ = mlx_arch.load_model(result.path)
     assert model.lm_head.weight.dtype.size == 2 and model.model.layers[5].mlp.down_proj.bits == 8
     monkeypatch.undo()  # mlx-lm's model has no such hook: it must follow the config alone
