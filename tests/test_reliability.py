@@ -239,3 +239,23 @@ def test_sigterm_leaves_nothing_behind(tmp_path, stage, after):
     assert proc.returncode == 130, err
     assert "Interrupted: no partial output was left behind." in err and "Traceback" not in err
     assert leftovers(out) == []
+
+
+def test_sigkill_leaves_nothing_the_next_run_takes_for_output(tmp_path):
+    """SIGKILL cannot be caught: what the killed run leaves is hidden (a staging folder that was never renamed into
+    place), and the next run aimed at the same folder clears it and converts."""
+    src = make_checkpoint(tmp_path / "src", "llama", num_hidden_layers=8, hidden_size=256, intermediate_size=768,
+                          num_attention_heads=4, num_key_value_heads=4)
+    out = tmp_path / "out"
+    command = [sys.executable, "-c", "from convert.cli import main; main()", "--hf-path", str(src), "--mlx-path",
+               str(out), "-q"]
+    proc = subprocess.Popen(command, stderr=subprocess.DEVNULL)
+    time.sleep(4.0)
+    if proc.poll() is not None:
+        pytest.skip("the run finished within 4 s, before it could be killed")
+    proc.kill()
+    proc.wait(timeout=30)
+    assert not out.exists()  # only hidden siblings can be left
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert leftovers(out) == ["out"] and (out / "validation.json").exists()
