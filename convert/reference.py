@@ -8,6 +8,7 @@ import functools
 import json
 import re
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -75,6 +76,7 @@ class CheckpointReader(TensorSource):
                     self.files[key] = f
         self._bin_cache = {}
         self.aliases = {}
+        self.packed = packed_parameters(self.folder, self.files)
 
     @staticmethod
     def _keys(file):
@@ -86,12 +88,14 @@ class CheckpointReader(TensorSource):
         return list(torch.load(file, map_location="cpu", weights_only=True, mmap=True).keys())
 
     def keys(self):
-        return self.files.keys()
+        return self.files.keys() | self.packed.keys()
 
     def __contains__(self, key):
-        return key in self.files or key in self.aliases
+        return key in self.files or key in self.packed or key in self.aliases
 
     def _get(self, key) -> torch.Tensor:
+        if key in self.packed:
+            return dequantized_mxfp4(*(self._get(k) for k in self.packed[key]))
         file = self.files[key]
         if file.suffix == ".safetensors":
             from safetensors import safe_open
@@ -101,6 +105,31 @@ class CheckpointReader(TensorSource):
         if file not in self._bin_cache:
             self._bin_cache = {file: torch.load(file, map_location="cpu", weights_only=True, mmap=True)}
         return self._bin_cache[file][key]
+
+
+# --- transformers-quantized sources --------------------------------------------------------------------------------
+# A checkpoint whose config says `quant_method: mxfp4` stores some parameters P (expert matrices) as `P_blocks` +
+# `P_scales`. The reference is built unquantized (`from_config`), so the reader also answers to P: dequantized by
+# transformers' own MXFP4 loader function, which `from_pretrained` uses on a machine without its Triton kernels, so
+# that the gate does not depend on how mlx_arch repacks those bytes.
+
+
+def packed_parameters(folder: Path, files: dict) -> dict:
+    """{parameter name: (blocks key, scales key)} of an MXFP4 checkpoint; empty for any other."""
+    config_file = folder / "config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    quant = config.get("quantization_config")
+    if not isinstance(quant, dict) or quant.get("quant_method") != "mxfp4" or "quantization" in config:
+        return {}
+    suffix = "_blocks"
+    return {k[: -len(suffix)]: (k, k[: -len(suffix)] + "_scales") for k in files
+            if k.endswith(suffix) and k[: -len(suffix)] + "_scales" in files}
+
+
+def dequantized_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    return convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)
 
 
 class OutputWeights(TensorSource):
@@ -307,11 +336,17 @@ def decoder_layers(model, n_layers: int):
 class StreamedForward:
     """Runs the meta-device reference with each module's weights loaded just before it runs and released after.
 
-    Also records every decoder layer's output hidden states.
+    Also records every decoder layer's output hidden states. Runs on the GPU when torch sees one (in true float32:
+    TF32 is switched off for the pass), weights moved there one module at a time like on the CPU.
     """
 
-    def __init__(self, model, reader: CheckpointReader):
+    def __init__(self, model, reader: CheckpointReader, device: Optional[str] = None):
         self.model, self.reader = model, reader
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        for module in model.modules():  # rotary tables and other buffers are real tensors: move them once
+            for name, buffer in module._buffers.items():
+                if buffer is not None and not buffer.is_meta:
+                    module._buffers[name] = buffer.to(self.device)
         reader.rename(transformers_renames(model))
         self.sources = self._map_names(model, reader)
         self.layer_outputs = []
@@ -358,9 +393,9 @@ class StreamedForward:
     def _tensor(self, name, shape) -> torch.Tensor:
         source = self.sources[name]
         if isinstance(source, str):
-            return self.reader.get(source).float()
+            return self.reader.get(source).float().to(self.device)
         group, produced = source
-        tensor = group.tensor(self.reader, self.model, produced).float()
+        tensor = group.tensor(self.reader, self.model, produced).float().to(self.device)
         if tensor.shape != shape:  # e.g. a whole expert missing: transformers would report the key as mismatched
             raise ValueError(f"{name}: the checkpoint tensors convert to shape {tuple(tensor.shape)}, "
                              f"the reference expects {tuple(shape)}")
@@ -374,14 +409,25 @@ class StreamedForward:
 
     def _record(self, module, args, output):
         hidden = output[0] if isinstance(output, tuple) else output
-        self.layer_outputs.append(hidden.detach().float().numpy())
+        self.layer_outputs.append(hidden.detach().float().cpu().numpy())
         self.on_layer(len(self.layer_outputs) - 1)
 
     @torch.no_grad()
     def __call__(self, input_ids, attention_mask=None):
         """(logits, [hidden states after each layer]) as float32 numpy arrays."""
         self.layer_outputs = []
-        out = self.model(input_ids=torch.as_tensor(input_ids),
-                         attention_mask=None if attention_mask is None else torch.as_tensor(attention_mask),
-                         use_cache=False)
-        return out.logits.float().numpy(), self.layer_outputs
+        as_tensor = lambda x: None if x is None else torch.as_tensor(x).to(self.device)  # noqa: E731
+        with true_float32():
+            out = self.model(input_ids=as_tensor(input_ids), attention_mask=as_tensor(attention_mask), use_cache=False)
+        return out.logits.float().cpu().numpy(), self.layer_outputs
+
+
+@contextlib.contextmanager
+def true_float32():
+    """No TF32 on the GPU while the reference runs: the gate compares float32 computations."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn

@@ -30,6 +30,7 @@ import mlx.core as mx
 import numpy as np
 from mlx_arch.core.base import source_dtype, text_config
 
+from . import backend
 from .layerwise import rel_error
 
 PROMPTS = [
@@ -97,6 +98,7 @@ class Report:
     probes: dict = field(default_factory=dict)  # how the probes were built
     shadow: dict = field(default_factory=dict)  # long-range parity on the shadow model (convert/shadow.py)
     seconds: dict = field(default_factory=dict)  # time per part of the gate (logged, not in validation.json)
+    backend: dict = field(default_factory=dict)  # the device the MLX checks ran on and its float32 precision
     cache_rel_error: Optional[float] = None
     batch_rel_error: Optional[float] = None
     tokenizer: dict = field(default_factory=dict)
@@ -269,7 +271,14 @@ def validate(source, output, progress: Optional[Callable] = None) -> Report:
     """Validate the converted folder `output` against the source checkpoint folder `source`.
 
     `progress(iterable, desc=..., unit=...)` (e.g. tqdm) shows the layer-by-layer passes of both models. The time
-    each part took is in `report.seconds`."""
+    each part took is in `report.seconds`. The MLX side runs where float32 is true float32 (`backend.py`)."""
+
+    gate = backend.choose()
+    with mx.stream(backend.device_of(gate)):
+        return _validate(source, output, progress, gate)
+
+
+def _validate(source, output, progress, gate) -> Report:
     from mlx_arch import load_model
 
     from . import layerwise, shadow
@@ -277,6 +286,7 @@ def validate(source, output, progress: Optional[Callable] = None) -> Report:
 
     model, config = load_model(output, lazy=True)  # weights are read layer by layer, see layerwise.py
     report = new_report(model, config)
+    report.backend = gate.to_dict()
     with stage(report, "tokenizer"):
         tokenizer = check_tokenizer(report, source, output)
     with stage(report, "non-finite weights"):
@@ -450,6 +460,10 @@ def summary_table(report: Report) -> str:
         ("result", "passed" if report.passed else "FAILED: " + "; ".join(report.failures)),
         ("precision", report.precision),
     ]
+    if report.backend:
+        b = report.backend
+        rows.append(("MLX checks ran on", f"{b['device']} (float32 product error {b['precision']:.0e})"
+                     + (f"; {b['note']}" if b["note"] else "")))
     p = report.parity
     if p:
         worst = max(range(len(p["layers"])), key=lambda i: p["layers"][i]) if p["layers"] else None

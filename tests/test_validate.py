@@ -238,3 +238,26 @@ def test_vocabulary_sized_matrices_are_never_whole_in_float32(tmp_path, monkeypa
     result = layerwise.run(model, ids, mask)
     assert mx.get_peak_memory() < float32_matrix * bound
     np.testing.assert_allclose(result.logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_gate_moves_its_float32_checks_off_a_reduced_precision_device():
+    """CI has no GPU: simulate MLX's CUDA backend, whose float32 products carry ~3e-4 relative error. The gate
+    must then run its MLX checks on the CPU (true float32) and say so; on a true-float32 device it stays."""
+    import mlx.core as mx
+
+    from convert import backend
+
+    measured = backend.matmul_precision(mx.cpu)
+    assert measured < 1e-5  # this machine: true float32
+    cuda_like = backend.choose(default="gpu", probe=lambda d: 2.8e-4 if d == "gpu" else measured)
+    assert cuda_like.device == str(mx.cpu) and cuda_like.precision == measured
+    assert "relative error 2.8e-04" in cuda_like.note and "ran on the CPU" in cuda_like.note
+    assert backend.device_of(cuda_like) == mx.cpu
+    true_f32 = backend.choose(default="gpu", probe=lambda d: 6e-7)
+    assert true_f32.device == "gpu" and true_f32.note == ""
+
+
+def test_report_states_the_backend(source, tmp_path):
+    report = validate(source, write_mlx_folder(source, tmp_path / "out", bits=4))
+    assert report.backend["device"] == report.backend["default"] and report.backend["precision"] < 1e-5
+    assert "| MLX checks ran on |" in summary_table(report)
