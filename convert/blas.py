@@ -24,8 +24,8 @@ STATUS = "not loaded"
 def _site_dirs() -> list:
     import site
 
-    dirs = list(site.getsitepackages()) + [site.getusersitepackages()]
-    return [d for d in dirs if os.path.isdir(d)]
+    dirs = list(site.getsitepackages()) + [site.getusersitepackages()] + sys.path  # PYTHONPATH targets too
+    return list(dict.fromkeys(d for d in dirs if d and os.path.isdir(d)))
 
 
 def _find(pattern: str):

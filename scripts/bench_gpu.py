@@ -1,0 +1,69 @@
+"""Benchmark on a Linux machine with an NVIDIA GPU (MLX's CUDA backend): bare convert and convert + gate, in one
+process, twice each, so that MLX's first-use kernel compilation shows as the difference between the first and the
+second run; prints a table with wall times, the gate's parts, and peak host and GPU memory.
+
+    python scripts/bench_gpu.py [--shape tinyllama|7b] [--workdir /tmp/bench-gpu]
+"""
+
+import argparse
+import resource
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import convert  # noqa: E402  (loads the CPU BLAS before mlx.core)
+from bench_convert import SHAPES, build_checkpoint  # noqa: E402
+
+SHAPES = {**SHAPES, "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                               num_attention_heads=32, num_key_value_heads=32, vocab_size=32000)}
+
+
+def timed(**kwargs):
+    out = kwargs.pop("out")
+    shutil.rmtree(out, ignore_errors=True)
+    start = time.time()
+    result = convert.convert(kwargs.pop("src"), out, quantize=True, log=lambda m: None, **kwargs)
+    return time.time() - start, result
+
+
+def main():
+    import mlx.core as mx
+    import torch
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="tinyllama")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/bench-gpu"))
+    args = parser.parse_args()
+    src = args.workdir / f"src-{args.shape}"
+    start = time.time()
+    build_checkpoint(src, SHAPES[args.shape])
+    print(f"device {mx.default_device()}, checkpoint built in {time.time() - start:.0f} s", flush=True)
+    rows = []
+    for label, kwargs in (("bare convert (1st)", dict(skip_validation=True)), ("bare convert (2nd)",
+                          dict(skip_validation=True)), ("convert + gate (1st)", {}), ("convert + gate (2nd)", {})):
+        seconds, result = timed(src=str(src), out=args.workdir / "out", **kwargs)
+        gate = result.validation
+        rows.append((label, seconds, gate))
+        print(label, f"{seconds:.1f} s", gate.passed if gate else "", gate.failures if gate else "", flush=True)
+    host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    gpu_mlx = mx.get_peak_memory() / 2**20
+    gpu_torch = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0
+    print(f"\n{args.shape}, 4-bit; peak host RSS {host:,.0f} MB, peak GPU memory MLX {gpu_mlx:,.0f} MB, "
+          f"torch {gpu_torch:,.0f} MB\n")
+    print("| run | seconds | gate passed | gate parts (s) |")
+    print("|---|---|---|---|")
+    for label, seconds, gate in rows:
+        parts = ", ".join(f"{k} {v:.1f}" for k, v in gate.seconds.items()) if gate else ""
+        print(f"| {label} | {seconds:.1f} | {gate.passed if gate else '-'} | {parts} |")
+    if rows[2][2] is not None:
+        print(f"\nbackend: {rows[2][2].backend}")
+    print(f"first-use compilation, approx: bare {rows[0][1] - rows[1][1]:.1f} s, with gate {rows[2][1] - rows[3][1]:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
