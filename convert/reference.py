@@ -340,7 +340,7 @@ class StreamedForward:
     TF32 is switched off for the pass), weights moved there one module at a time like on the CPU.
     """
 
-    def __init__(self, model, reader: CheckpointReader, device: Optional[str] = None):
+    def __init__(self, model, reader: CheckpointReader, device: Optional[str] = None, blocks: bool = False):
         self.model, self.reader = model, reader
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         for module in model.modules():  # rotary tables and other buffers are real tensors: move them once
@@ -351,15 +351,26 @@ class StreamedForward:
         self.sources = self._map_names(model, reader)
         self.layer_outputs = []
         self.on_layer = lambda index: None  # called as each decoder layer finishes (progress)
-        for module in model.modules():
-            if any(p is not None for p in module._parameters.values()):
-                module.register_forward_pre_hook(self._load)
-                module.register_forward_hook(self._release)
         # a multimodal container's own config has no layer count: its text model's has (`text_config` twin)
         layers = decoder_layers(model, model.config.get_text_config().num_hidden_layers)
+        self._names = {id(m): n for n, m in model.named_modules()}
+        self._loaded = {}  # id(module) -> the parameters its pre-hook loaded (released by its post-hook)
+        self._load_buffers(model, reader)
+        # Each module loads its own weights when it runs. With `blocks` (for families whose transformers modules read
+        # their children's weights directly, e.g. DBRX's experts), each block below the decoder layers loads its whole
+        # subtree instead; a part already loaded by an enclosing block is left to that block.
+        above = {id(m) for m in model.modules() if any(sub is layers for sub in m.modules())}
+        above |= {id(layer) for layer in layers}
+        self._subtree = set()  # modules that load their whole subtree
+        for module in model.modules():
+            own = any(p is not None for p in module._parameters.values())
+            if blocks and id(module) not in above and any(True for _ in module.parameters()):
+                self._subtree.add(id(module))
+            if own or id(module) in self._subtree:
+                module.register_forward_pre_hook(self._load)
+                module.register_forward_hook(self._release)
         for layer in layers:
             layer.register_forward_hook(self._record)
-        self._names = {id(m): n for n, m in model.named_modules()}
 
     @staticmethod
     def _map_names(model, reader):
@@ -383,12 +394,31 @@ class StreamedForward:
             raise ValueError(f"the source checkpoint lacks weights the reference needs: {', '.join(missing)}")
         return sources
 
+    def _load_buffers(self, model, reader):
+        """Persistent buffers the checkpoint holds (DeepSeek-style routing correction biases are real data that
+        transformers keeps as buffers): loaded once, they are small."""
+        prefix = getattr(model, "base_model_prefix", "") + "."
+        for path, module in model.named_modules():
+            for name, buffer in module._buffers.items():
+                if buffer is None or name in module._non_persistent_buffers_set:
+                    continue
+                full = f"{path}.{name}" if path else name
+                key = next((k for k in (full, full[len(prefix):] if full.startswith(prefix) else None)
+                            if k and k in reader), None)
+                if key is not None:
+                    module._buffers[name] = reader.get(key).to(buffer.dtype).to(self.device)
+
     def _load(self, module, args):
+        loaded = []
         prefix = self._names[id(module)]
-        for name, p in module._parameters.items():
-            if p is not None:
-                full = f"{prefix}.{name}" if prefix else name
-                module._parameters[name] = torch.nn.Parameter(self._tensor(full, p.shape), requires_grad=False)
+        owners = module.named_modules(prefix=prefix) if id(module) in self._subtree else [(prefix, module)]
+        for path, owner in owners:
+            for name, p in owner._parameters.items():
+                if p is not None and p.is_meta:
+                    full = f"{path}.{name}" if path else name
+                    owner._parameters[name] = torch.nn.Parameter(self._tensor(full, p.shape), requires_grad=False)
+                    loaded.append((owner, name))
+        self._loaded[id(module)] = loaded
 
     def _tensor(self, name, shape) -> torch.Tensor:
         source = self.sources[name]
@@ -401,11 +431,9 @@ class StreamedForward:
                              f"the reference expects {tuple(shape)}")
         return tensor
 
-    @staticmethod
-    def _release(module, args, output):
-        for name, p in module._parameters.items():
-            if p is not None:
-                module._parameters[name] = torch.nn.Parameter(p.to("meta"), requires_grad=False)
+    def _release(self, module, args, output):
+        for owner, name in self._loaded.pop(id(module), []):
+            owner._parameters[name] = torch.nn.Parameter(owner._parameters[name].to("meta"), requires_grad=False)
 
     def _record(self, module, args, output):
         hidden = output[0] if isinstance(output, tuple) else output

@@ -111,14 +111,18 @@ def check_source(config: dict, files: list, plan: ConvertPlan) -> str:
                            "implementation in transformers and mlx-convert; mlx-convert never runs checkpoint code: "
                            "convert a checkpoint of a transformers architecture instead")
     try:
-        mlx_arch.get_architecture(model_type)
+        arch = mlx_arch.get_architecture(model_type)
     except mlx_arch.UnsupportedArchitecture as e:
         raise ConvertError(str(e)) from None
-    quant = config.get("quantization_config")
-    if quant and "quantization" not in config:
+    quant = config.get("quantization_config") if "quantization" not in config else None  # transformers' own
+    # A transformers-quantized source is refused unless its family reads that format as it is stored (it lists the
+    # `quant_method` in its Model's `source_formats`, e.g. MXFP4 experts); `--dequantize` then turns those
+    # layers into floats, as for an MLX-quantized source.
+    readable = bool(quant) and quant.get("quant_method") in getattr(arch.Model, "source_formats", ())
+    if quant and not readable:
         method = quant.get("quant_method", "unknown")
         raise ConvertError(f"the source is already quantized ({method}); convert its unquantized original instead")
-    if plan.dequantize and "quantization" not in config:
+    if plan.dequantize and "quantization" not in config and not readable:
         raise ConvertError("--dequantize needs an MLX-quantized source (config.json has no 'quantization')")
     if plan.quantize and "quantization" in config:
         raise ConvertError("the source is already MLX-quantized: --dequantize it first, or convert the original")

@@ -38,14 +38,16 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="tinyllama")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/bench-gpu"))
+    parser.add_argument("--runs", type=int, default=2, help="runs of each command (2 shows compilation apart)")
     args = parser.parse_args()
     src = args.workdir / f"src-{args.shape}"
     start = time.time()
     build_checkpoint(src, SHAPES[args.shape])
     print(f"device {mx.default_device()}, checkpoint built in {time.time() - start:.0f} s", flush=True)
     rows = []
-    for label, kwargs in (("bare convert (1st)", dict(skip_validation=True)), ("bare convert (2nd)",
-                          dict(skip_validation=True)), ("convert + gate (1st)", {}), ("convert + gate (2nd)", {})):
+    plan = [(f"bare convert (run {i + 1})", dict(skip_validation=True)) for i in range(args.runs)]
+    plan += [(f"convert + gate (run {i + 1})", {}) for i in range(args.runs)]
+    for label, kwargs in plan:
         seconds, result = timed(src=str(src), out=args.workdir / "out", **kwargs)
         gate = result.validation
         rows.append((label, seconds, gate))
@@ -60,9 +62,11 @@ def main():
     for label, seconds, gate in rows:
         parts = ", ".join(f"{k} {v:.1f}" for k, v in gate.seconds.items()) if gate else ""
         print(f"| {label} | {seconds:.1f} | {gate.passed if gate else '-'} | {parts} |")
-    if rows[2][2] is not None:
-        print(f"\nbackend: {rows[2][2].backend}")
-    print(f"first-use compilation, approx: bare {rows[0][1] - rows[1][1]:.1f} s, with gate {rows[2][1] - rows[3][1]:.1f} s")
+    print(f"\nbackend: {rows[-1][2].backend}")
+    if args.runs > 1:
+        n = args.runs
+        print(f"first-use compilation, approx: bare {rows[0][1] - rows[1][1]:.1f} s, with gate "
+              f"{rows[n][1] - rows[n + 1][1]:.1f} s")
 
 
 if __name__ == "__main__":

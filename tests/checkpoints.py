@@ -73,8 +73,16 @@ def make_config(model_type: str, **overrides):
 _NORM = re.compile(r"norm|(^|\.)ln")  # RMSNorm/LayerNorm weights: `...norm.weight`, gpt2's `ln_1`, `ln_f`
 
 
+# Buffers that are checkpoint data rather than derived state: DeepSeek-V3-style routers' correction biases (zeros
+# when built). Redrawn N(0, 0.1), the spread of the sigmoid scores they shift, so that ignoring one changes the
+# experts chosen.
+_DATA_BUFFERS = re.compile(r"(^|\.)e_score_correction_bias$")
+
+
 def randomize(model, seed: int = 0, std: float = 0.05):
-    """Redraw every parameter: matrices N(0, std), norm-like vectors 1 + N(0, 0.1), biases N(0, std)."""
+    """Redraw every parameter: matrices N(0, std), norm-like vectors 1 + N(0, 0.1), biases N(0, std); then the
+    persistent buffers that are checkpoint data (`_DATA_BUFFERS`), after every parameter so that the parameters'
+    draws stay those of a model without such buffers."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -84,6 +92,10 @@ def randomize(model, seed: int = 0, std: float = 0.05):
                 p.copy_(mean + 0.1 * noise)
             else:
                 p.copy_(std * noise)
+        saved = set(model.state_dict())
+        for name, b in model.named_buffers():
+            if name in saved and _DATA_BUFFERS.search(name):
+                b.copy_(0.1 * torch.randn(b.shape, generator=gen, dtype=torch.float32))
     return model
 
 

@@ -4,11 +4,13 @@ conversion, expert stacking that stays lazy per layer, and the config spellings 
 parity with transformers is in test_models (cases in data/model_configs.json)."""
 
 import json
+import re
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from mlx.utils import tree_flatten
 from transformers import Qwen2MoeConfig
 
 import mlx_arch
@@ -17,8 +19,9 @@ from convert import convert
 from convert_helpers import mlx_lm_logits, ours, rel_error
 from model_test_runner import CASES
 from mlx_arch.core import quant
-from mlx_arch.core.moe import (QuantizedSwitchLinear, SwitchGLU, SwitchLinear, is_sparse, sigmoid_topk, softmax_topk,
-                               stack_experts, topk_softmax)
+from mlx_arch.core.layers import MLP
+from mlx_arch.core.moe import (QuantizedSwitchLinear, SwitchGLU, SwitchLinear, is_sparse, listed_experts, sigmoid_topk,
+                               softmax_topk, softmax_topk_corrected, softmax_topk_pnorm, stack_experts, topk_softmax)
 from mlx_arch.core.weights import Move, apply_rules, inverse
 
 RNG = np.random.default_rng(0)
@@ -98,6 +101,44 @@ def test_sigmoid_router_with_correction_bias_and_groups(normalize, n_group, topk
     assert any(p.keys() != g.keys() for p, g in zip(plain, got))
 
 
+# The routers and blocks added for dbrx, ernie4_5_moe, dots1 and minimax_m2 draw from their own generator, so that the
+# tests above keep their data.
+RNG_ADDED = np.random.default_rng(1)
+
+
+def assert_same_routing(got, want):
+    for g, e in zip(got, want):
+        assert g.keys() == e.keys() and np.allclose([g[k] for k in e], list(e.values()), atol=1e-6)
+
+
+@pytest.mark.parametrize("p", [1.0, 2.0, None])
+def test_softmax_top_k_divided_by_the_p_norm(p):
+    """DBRX's `moe_normalize_expert_weights`: the p-norm of the chosen probabilities, or none at all."""
+    probs = np_softmax(LOGITS.astype(np.float64))
+    idx = top(probs, 3)
+    w = np.take_along_axis(probs, idx, -1)
+    if p is not None:
+        w = w / ((w**p).sum(-1, keepdims=True)) ** (1 / p)
+    assert_same_routing(by_expert(*softmax_topk_pnorm(mx.array(LOGITS), 3, p)), by_expert(idx, w))
+    if p == 1.0:
+        assert_same_routing(by_expert(*softmax_topk(mx.array(LOGITS), 3, normalize=True)), by_expert(idx, w))
+
+
+@pytest.mark.parametrize("norm_min", [1e-12, 0.9])
+def test_softmax_router_choosing_with_a_correction_bias(norm_min):
+    """ERNIE 4.5: chosen by probability + bias, weighted by the plain probabilities over their sum floored at
+    `moe_norm_min` (0.9 exceeds most sums of three probabilities of eight)."""
+    bias = RNG_ADDED.standard_normal((1, 8)).astype(np.float32) * 0.1
+    probs = np_softmax(LOGITS.astype(np.float64))
+    idx = top(probs + bias, 3)
+    w = np.take_along_axis(probs, idx, -1)
+    w = w / np.maximum(w.sum(-1, keepdims=True), norm_min)
+    got = by_expert(*softmax_topk_corrected(mx.array(LOGITS), 3, mx.array(bias), norm_min))
+    assert_same_routing(got, by_expert(idx, w))
+    plain = by_expert(*softmax_topk(mx.array(LOGITS), 3))
+    assert any(p.keys() != g.keys() for p, g in zip(plain, got))
+
+
 # --- gathered experts ---------------------------------------------------------------------------------------------
 
 
@@ -144,6 +185,24 @@ def test_switch_linear_runs_half_precision():
     assert half.dtype == mx.float16 and rel_error(np.array(half.astype(mx.float32)), np.array(full)) < 1e-2
 
 
+@pytest.mark.parametrize("quantized", [False, True])
+def test_listed_experts_match_a_per_expert_loop(quantized):
+    """Experts kept as separate modules (dbrx): each (token, slot) gets its own expert's output, quantized or not."""
+    experts = [MLP(64, 32) for _ in range(5)]
+    for e in experts:
+        e.update({n: {"weight": mx.array(RNG_ADDED.standard_normal(p["weight"].shape).astype(np.float32) * 0.2)}
+                  for n, p in e.parameters().items()})
+        if quantized:
+            nn.quantize(e, group_size=32, bits=4)
+    x = mx.array(RNG_ADDED.standard_normal((2, 7, 64)).astype(np.float32))
+    indices = mx.array(RNG_ADDED.integers(0, 5, size=(2, 7, 2)))
+    got = listed_experts(experts, x, indices)
+    assert got.shape == (2, 7, 2, 64)
+    want = mx.stack([mx.stack([mx.stack([experts[int(indices[b, t, j])](x[b, t]) for j in range(2)])
+                               for t in range(7)]) for b in range(2)])
+    np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("mode,bits,group", [("affine", 4, 32), ("affine", 8, 64), ("mxfp4", 4, 32)])
 def test_quantized_switch_linear_computes_its_float_twin(mode, bits, group):
     glu = random_switch_glu()
@@ -186,6 +245,16 @@ def test_stack_experts_declares_one_stack_per_projection():
     assert stacked[:, 0, 0].tolist() == [10, 11, 12]
 
 
+def test_stack_experts_under_another_switch_name():
+    """dots1 keeps its stacked experts under mlx-lm's `experts`."""
+    names = ("down_proj", "gate_proj", "up_proj")
+    rules = stack_experts("l.{i}.mlp", 2, switch="experts")
+    assert sorted(r.target for r in rules) == [f"l.{{i}}.mlp.experts.{n}.weight" for n in names]
+    out = apply_rules({f"l.0.mlp.experts.{e}.{n}.weight": mx.zeros((2, 2)) for e in range(2) for n in names}, rules)
+    assert sorted(out) == [f"l.0.mlp.experts.{n}.weight" for n in names]
+    assert apply_rules(out, rules).keys() == out.keys()
+
+
 # --- routers stay in full precision -------------------------------------------------------------------------------
 
 FLOAT_CHILDREN = {
@@ -195,6 +264,12 @@ FLOAT_CHILDREN = {
     "olmoe": {"mlp.gate"},
     "granitemoe": {"block_sparse_moe.router.layer"},
     "phimoe": {"block_sparse_moe.gate"},
+    "granitemoeshared": {"block_sparse_moe.router.layer"},
+    "dbrx": {"ffn.router.layer"},
+    "ernie4_5_moe": {"mlp.gate"},
+    "hunyuan_v1_moe": {"mlp.gate.wg"},
+    "minimax_m2": {"block_sparse_moe.gate"},
+    "dots1": {"mlp.gate"},
 }
 FIRST_CASE = {}
 for case in CASES:
@@ -205,9 +280,40 @@ for case in CASES:
 def test_quant_predicate_keeps_routers_and_gates_float(model_type):
     config = make_config(model_type, **FIRST_CASE[model_type]["overrides"]).to_dict()
     model = mlx_arch.build_model(config)
-    kept = {path.split(".", 3)[3] for path, m in model.named_modules()
-            if hasattr(m, "to_quantized") and path.startswith("model.layers.") and not model.quant_predicate(path, m)}
+    layers = model._roles()["layers"] + "."  # model.layers. (transformer.blocks. in dbrx)
+    kept = {path[len(layers):].split(".", 1)[1] for path, m in model.named_modules()
+            if hasattr(m, "to_quantized") and path.startswith(layers) and not model.quant_predicate(path, m)}
     assert kept == FLOAT_CHILDREN[model_type]
+
+
+@pytest.mark.parametrize("model_type", ["ernie4_5_moe", "minimax_m2", "dots1"])
+def test_cast_keeps_correction_biases_in_their_stored_dtype(model_type):
+    from convert.quantize import cast
+
+    model = mlx_arch.build_model(make_config(model_type, **FIRST_CASE[model_type]["overrides"]).to_dict())
+    cast(model, "bfloat16")
+    flat = dict(tree_flatten(model.parameters()))
+    biases = [k for k in flat if k.endswith(".e_score_correction_bias")]
+    assert biases and all(flat[k].dtype == mx.float32 for k in biases)
+    assert {v.dtype for k, v in flat.items() if k not in biases} == {mx.bfloat16}
+
+
+def test_correction_bias_buffers_are_randomized_after_the_parameters(monkeypatch):
+    """tests/checkpoints.py redraws the correction-bias buffers (zeros as built) after every parameter: the
+    parameters are those drawn without it, so no other family's checkpoint changes."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import checkpoints
+
+    config = make_config("dots1", **FIRST_CASE["dots1"]["overrides"])
+    drawn = checkpoints.randomize(AutoModelForCausalLM.from_config(config))
+    monkeypatch.setattr(checkpoints, "_DATA_BUFFERS", re.compile("(?!)"))
+    plain = checkpoints.randomize(AutoModelForCausalLM.from_config(config))
+    biases = [(n, b) for n, b in drawn.named_buffers() if n.endswith("e_score_correction_bias")]
+    assert biases and all(b.abs().min() > 0 for _, b in biases)
+    assert all(not plain.get_buffer(n).any() for n, _ in biases)
+    assert all(torch.equal(p, plain.get_parameter(n)) for n, p in drawn.named_parameters())
 
 
 @pytest.fixture(scope="module")
@@ -284,6 +390,43 @@ def test_qwen2_moe_layer_types_without_the_key_follow_transformers(use, max_wind
     model = mlx_arch.build_model(config)
     assert model.args.layer_types == expected
     assert [layer.kind.window for layer in model.layers] == [6 if t == "sliding_attention" else None for t in expected]
+
+
+def test_no_sparse_layer_after_the_last():
+    """ERNIE 4.5's `moe_layer_end_index`."""
+    assert is_sparse(3, 8, last_sparse=3) and not is_sparse(4, 8, last_sparse=3) and is_sparse(4, 8)
+
+
+def test_minimax_m2_rotary_dim_is_the_rotated_fraction():
+    """Released MiniMax-M2 configs give `rotary_dim` rather than `partial_rotary_factor`; the export writes it back
+    for mlx-lm, with the `shared_intermediate_size` it requires."""
+    args = mlx_arch.get_architecture("minimax_m2").ModelArgs.from_dict(
+        {"model_type": "minimax_m2", "head_dim": 32, "rotary_dim": 8})
+    assert args.partial_rotary_factor == 0.25
+    config = make_config("minimax_m2", **FIRST_CASE["minimax_m2"]["overrides"]).to_dict()
+    exported = mlx_arch.build_model(config).export_config(config)
+    assert exported["rotary_dim"] == 8 and exported["shared_intermediate_size"] == 0
+
+
+def test_ernie4_5_moe_drops_the_multi_token_prediction_layers():
+    """Released ERNIE 4.5 MoE checkpoints carry MTP layers that transformers ignores on load."""
+    from mlx_arch.core.weights import dropped
+
+    model = mlx_arch.build_model(make_config("ernie4_5_moe", **FIRST_CASE["ernie4_5_moe"]["overrides"]).to_dict())
+    mtp = ["model.mtp_block.0.self_attn.q_proj.weight", "model.mtp_block.0.mlp.experts.3.up_proj.weight",
+           "model.mtp_block.0.mlp.moe_statics.e_score_correction_bias", "model.mtp_emb_norm.0.weight",
+           "model.mtp_hidden_norm.0.weight", "model.mtp_linear_proj.0.weight"]
+    assert all(dropped(model.weight_rules(), k) for k in mtp)
+    assert model.sanitize({k: mx.zeros((1,)) for k in mtp}) == {}
+
+
+def test_dbrx_rope_base_is_the_top_level_one_and_exported_for_mlx_lm():
+    """transformers 5 ignores `attn_config.rope_theta` (which mlx-lm reads): the export states the base used."""
+    config = make_config("dbrx", **FIRST_CASE["dbrx"]["overrides"]).to_dict()
+    assert config["attn_config"]["rope_theta"] == 500000.0
+    model = mlx_arch.build_model(config)
+    assert model.args.rope_theta == 50000.0
+    assert model.export_config(config)["attn_config"]["rope_theta"] == 50000.0
 
 
 @pytest.mark.parametrize("index,step,only,first,sparse", [

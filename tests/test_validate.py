@@ -259,5 +259,7 @@ def test_gate_moves_its_float32_checks_off_a_reduced_precision_device():
 
 def test_report_states_the_backend(source, tmp_path):
     report = validate(source, write_mlx_folder(source, tmp_path / "out", bits=4))
-    assert report.backend["device"] == report.backend["default"] and report.backend["precision"] < 1e-5
+    # On a true-float32 device the checks stay there; elsewhere (MLX's CUDA backend) they move to the CPU.
+    moved = report.backend["default_precision"] > 1e-5
+    assert (report.backend["device"] != report.backend["default"]) == moved and report.backend["precision"] < 1e-5
     assert "| MLX checks ran on |" in summary_table(report)

@@ -2,7 +2,8 @@
 experts, which layers are sparse, the weight rules that stack per-expert tensors, and the routers' precision.
 
 Experts are stacked: one `SwitchLinear` holds every expert's weight as (n_experts, out, in) and computes only the
-experts each token was routed to (`mx.gather_mm`; `mx.gather_qmm` once quantized). Module names are mlx-lm's
+experts each token was routed to (`mx.gather_mm`; `mx.gather_qmm` once quantized). Where mlx-lm reads one module per
+expert (dbrx), `listed_experts` runs each on the tokens routed to it. Module names are mlx-lm's
 (`gate`, `switch_mlp.{gate,up,down}_proj`, `shared_expert`, `shared_expert_gate`) so that mlx-lm reads our output.
 
 Routers map router logits (..., n_experts) to (indices, weights), both (..., k), in float32 whatever the
@@ -11,7 +12,15 @@ activations' dtype (transformers routes in float32 too):
                  qwen2_moe / qwen3_moe / olmoe per `norm_topk_prob`);
   topk_softmax   keep the k largest logits, softmax over those (granitemoe);
   sigmoid_topk   sigmoid scores, chosen by score + correction bias within the best groups, weighted by the scores
-                 themselves, optionally renormalised, times a routed scaling factor (DeepSeek-V3 style).
+                 themselves, optionally renormalised, times a routed scaling factor (DeepSeek-V3 style; dots1,
+                 minimax_m2);
+  softmax_topk_pnorm      softmax_topk divided by the weights' p-norm, or not at all (dbrx);
+  softmax_topk_corrected  softmax probabilities, chosen by probability + correction bias, weighted by the
+                 probabilities renormalised (ERNIE 4.5).
+
+A router's correction bias (`e_score_correction_bias`) is checkpoint data that only chooses experts: the sparse block
+keeps it where the checkpoint does (`correction_bias`), and the cast leaves it in its stored dtype, as transformers
+keeps it in float32 (a bfloat16 bias moves near-tied choices).
 
 Routers and shared-expert gates stay in full precision when a model is quantized (`RoutedModel.quant_predicate`):
 they are a few thousandths of a layer's weights, and their error does not average out like a projection's: it moves
@@ -25,6 +34,7 @@ from typing import Callable, Optional, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from . import quant
 from .layers import activation
@@ -46,6 +56,24 @@ def softmax_topk(logits: mx.array, k: int, normalize: bool = False):
     if normalize:
         weights = weights / weights.sum(axis=-1, keepdims=True)
     return indices, weights
+
+
+def softmax_topk_pnorm(logits: mx.array, k: int, p: Optional[float] = 1.0):
+    """Softmax over every expert, the k most probable, divided by their p-norm when `p` is set (p = 1 renormalises
+    like `softmax_topk(normalize=True)`; None keeps the probabilities)."""
+    indices, weights = softmax_topk(logits, k)
+    if p is not None:
+        weights = weights / mx.power(mx.power(weights, p).sum(axis=-1, keepdims=True), 1.0 / p)
+    return indices, weights
+
+
+def softmax_topk_corrected(logits: mx.array, k: int, correction_bias: mx.array, norm_min: float = 1e-12):
+    """Softmax over every expert; the k chosen by probability + `correction_bias`, weighted by their plain
+    probabilities divided by their sum (floored at `norm_min`)."""
+    probs = mx.softmax(logits.astype(mx.float32), axis=-1)
+    indices = _top_k(probs + correction_bias.astype(mx.float32), k)
+    weights = mx.take_along_axis(probs, indices, axis=-1)
+    return indices, weights / mx.maximum(weights.sum(axis=-1, keepdims=True), norm_min)
 
 
 def topk_softmax(logits: mx.array, k: int):
@@ -188,6 +216,32 @@ class SwitchGLU(nn.Module):
         return y.reshape(*indices.shape, -1)
 
 
+def listed_experts(experts: Sequence[nn.Module], x: mx.array, indices: mx.array) -> mx.array:
+    """SwitchGLU's computation for experts kept as separate modules (the layout mlx-lm reads for dbrx): x (..., D),
+    indices (..., k) -> (..., k, D). Each expert runs once, on the rows routed to it; the routing is read on the
+    host (one synchronisation per call), as transformers' expert loop does."""
+    k, dims = indices.shape[-1], x.shape[-1]
+    rows_of = np.array(indices.reshape(-1, k))
+    flat = x.reshape(-1, dims)
+    out = mx.zeros((flat.shape[0], k, dims), x.dtype)
+    for e in np.unique(rows_of):
+        rows, slots = (mx.array(a) for a in np.nonzero(rows_of == e))
+        out[rows, slots] = experts[int(e)](flat[rows]).astype(x.dtype)
+    return out.reshape(*indices.shape, dims)
+
+
+class NestedGate(nn.Module):
+    """A router's linear layer one level down, under `name` (dbrx's `router.layer`, hunyuan's `gate.wg`)."""
+
+    def __init__(self, hidden_size: int, num_experts: int, name: str):
+        super().__init__()
+        self.linear_name = name
+        self[name] = nn.Linear(hidden_size, num_experts, bias=False)
+
+    def __call__(self, x):
+        return self[self.linear_name](x)
+
+
 # --- the sparse block ---------------------------------------------------------------------------------------------
 
 
@@ -196,28 +250,61 @@ class SparseMoE(nn.Module):
     y = sum_k w_k expert_{i_k}(x) + [sigmoid(shared_expert_gate(x)) *] shared_expert(x).
 
     `route(logits) -> (indices, weights)` is a router above with the config's settings. `gate` replaces the plain
-    linear router where a family stores it otherwise (granitemoe's `router.layer`), under `gate_name`."""
+    linear router where a family stores it otherwise (granitemoe's `router.layer`), under `gate_name`.
+
+    Where families store the other parts under other names (mlx-lm's, which follow the checkpoints'):
+      switch / switch_name  the experts: a SwitchGLU under `switch_mlp` by default; a list of expert modules is
+                            computed by `listed_experts` (dbrx's `experts`);
+      shared_name           the shared expert (`shared_experts`, `shared_mlp`);
+      correction_bias       the dotted path, inside the block, of the router's correction bias (created there as
+                            zeros (num_experts,) unless present), passed to `route` as `correction_bias`."""
 
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, route: Callable,
                  act: str = "silu", bias: bool = False, shared: Optional[nn.Module] = None,
-                 shared_gate: bool = False, gate: Optional[nn.Module] = None, gate_name: str = "gate"):
+                 shared_gate: bool = False, gate: Optional[nn.Module] = None, gate_name: str = "gate",
+                 switch=None, switch_name: str = "switch_mlp", shared_name: str = "shared_expert",
+                 correction_bias: Optional[str] = None):
         super().__init__()
-        self.gate_name = gate_name
+        self.gate_name, self.switch_name, self.shared_name = gate_name, switch_name, shared_name
         self[gate_name] = gate if gate is not None else nn.Linear(hidden_size, num_experts, bias=False)
-        self.switch_mlp = SwitchGLU(hidden_size, intermediate_size, num_experts, act, bias)
+        self[switch_name] = switch if switch is not None else SwitchGLU(hidden_size, intermediate_size,
+                                                                        num_experts, act, bias)
         if shared is not None:
-            self.shared_expert = shared
+            self[shared_name] = shared
             if shared_gate:
                 self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False)
+        self.correction_bias_path = correction_bias
+        if correction_bias is not None:
+            *holders, leaf = correction_bias.split(".")
+            holder = self
+            for name in holders:
+                if name not in holder:
+                    holder[name] = nn.Module()
+                holder = holder[name]
+            if leaf not in holder:
+                holder[leaf] = mx.zeros((num_experts,))
         self.route = route
         # Kept in full precision by `RoutedModel.quant_predicate` (see the module docstring).
         self.float_children = frozenset({gate_name, "shared_expert_gate"})
 
+    def child(self, path: str):
+        """The module or array at a dotted path inside this block."""
+        node = self
+        for name in path.split("."):
+            node = node[name]
+        return node
+
     def __call__(self, x):
-        indices, weights = self.route(self[self.gate_name](x))
-        y = (self.switch_mlp(x, indices) * weights[..., None].astype(x.dtype)).sum(axis=-2)
-        if "shared_expert" in self:
-            shared = self.shared_expert(x)
+        logits = self[self.gate_name](x)
+        if self.correction_bias_path is None:
+            indices, weights = self.route(logits)
+        else:
+            indices, weights = self.route(logits, correction_bias=self.child(self.correction_bias_path))
+        experts = self[self.switch_name]
+        y = listed_experts(experts, x, indices) if isinstance(experts, list) else experts(x, indices)
+        y = (y * weights[..., None].astype(x.dtype)).sum(axis=-2)
+        if self.shared_name in self:
+            shared = self[self.shared_name](x)
             if "shared_expert_gate" in self:
                 shared = mx.sigmoid(self.shared_expert_gate(x)) * shared
             y = y + shared
@@ -225,11 +312,14 @@ class SparseMoE(nn.Module):
 
 
 def is_sparse(index: int, num_experts: int, decoder_sparse_step: int = 1, mlp_only_layers: Sequence[int] = (),
-              first_dense: int = 0) -> bool:
+              first_dense: int = 0, last_sparse: Optional[int] = None) -> bool:
     """Whether decoder layer `index` has the MoE block rather than a dense MLP: not among the first `first_dense`
-    layers (DeepSeek's `first_k_dense_replace`) nor in `mlp_only_layers`, and every `decoder_sparse_step`-th
-    layer (counting from one), as qwen2_moe / qwen3_moe decide."""
+    layers (DeepSeek's `first_k_dense_replace`, ERNIE's `moe_layer_start_index`), nor after `last_sparse` (ERNIE's
+    `moe_layer_end_index`), nor in `mlp_only_layers`, and every `decoder_sparse_step`-th layer (counting from one),
+    as qwen2_moe / qwen3_moe decide."""
     if num_experts <= 0 or index < first_dense or index in (mlp_only_layers or ()):
+        return False
+    if last_sparse is not None and index > last_sparse:
         return False
     return (index + 1) % decoder_sparse_step == 0
 
@@ -241,12 +331,13 @@ GLU_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
 def stack_experts(block: str, count: int, names: Optional[dict] = None,
-                  leaves: Sequence[str] = ("weight",)) -> list:
+                  leaves: Sequence[str] = ("weight",), switch: str = "switch_mlp") -> list:
     """Weight rules stacking per-expert checkpoint tensors `{block}.experts.{e}.{name}.{leaf}` into
-    `{block}.switch_mlp.{ours}.{leaf}` for each `name: ours` of `names` (e.g. mixtral's {"w1": "gate_proj", ...});
-    by default the checkpoint already uses our names. `block` is a key template such as "model.layers.{i}.mlp"."""
+    `{block}.{switch}.{ours}.{leaf}` for each `name: ours` of `names` (e.g. mixtral's {"w1": "gate_proj", ...});
+    by default the checkpoint already uses our names. `block` is a key template such as "model.layers.{i}.mlp";
+    `switch` the SparseMoE's `switch_name`."""
     names = names or {name: name for name in GLU_PROJECTIONS}
-    return [Stack(f"{block}.experts.{{e}}.{name}.{leaf}", f"{block}.switch_mlp.{ours}.{leaf}", count)
+    return [Stack(f"{block}.experts.{{e}}.{name}.{leaf}", f"{block}.{switch}.{ours}.{leaf}", count)
             for name, ours in names.items() for leaf in leaves]
 
 
@@ -263,4 +354,8 @@ class RoutedModel:
 
     def quant_predicate(self, path: str, module) -> bool:
         return not any(path == p or path.startswith(p + ".") for p in self.float_paths())
+
+    def cast_predicate(self, path: str) -> bool:
+        """Routers' correction biases keep their stored dtype (see the module docstring)."""
+        return not path.endswith(".e_score_correction_bias")
 
