@@ -111,12 +111,14 @@ def convert_weights(plan: ConvertPlan, src, weights: dict, log) -> Converted:
     model = q.build_model(src.config, weights)
     dtype = q.target_dtype(plan, src.config)
     quant = q.QuantReport()
-    if plan.dequantize:
-        q.dequantize(model, dtype)
+    if plan.dequantize or plan.quantize:
+        q.dequantize(model, dtype)  # layers that arrive quantized (MXFP4 experts) become floats first; else a cast
     else:
         q.cast(model, dtype)
-        if plan.quantize:
-            quant = q.quantize(model, plan)
+    if plan.quantize:
+        quant = q.quantize(model, plan)
+    elif not plan.dequantize:
+        quant = q.source_quantization(model)  # layers the source stores quantized stay as they are
     for skipped in quant.skipped:
         log(f"kept in full precision: {skipped}")
     config = model.export_config(dict(src.config))

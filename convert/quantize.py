@@ -122,6 +122,17 @@ def quantize(model, plan: ConvertPlan) -> QuantReport:
     return QuantReport(config={**default, **overrides}, skipped=[f"{p} ({why})" for p, why in skipped.items()])
 
 
+def source_quantization(model) -> QuantReport:
+    """The `quantization` entry for layers that arrive quantized from the source (a transformers checkpoint's MXFP4
+    experts, an MLX-quantized folder) and are kept as they are."""
+    settings = {path: {"group_size": m.group_size, "bits": m.bits, "mode": m.mode}
+                for path, m in model.named_modules() if quant.is_quantized(m)}
+    if not settings:
+        return QuantReport()
+    default = next(iter(settings.values()))
+    return QuantReport(config={**default, **{path: s for path, s in settings.items() if s != default}})
+
+
 def dequantized(module):
     """The float32 module that a quantized module computes (pairs registered in mlx_arch.core.quant)."""
     return quant.to_float(module)

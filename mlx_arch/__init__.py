@@ -59,6 +59,10 @@ def quantize_like(model, config: dict, weights: dict):
     quant = config.get("quantization") or config.get("quantization_config")
     if not quant:
         return
+    if "quant_method" in quant:  # transformers' quantization_config: the MLX format its packed tensors are read as
+        from .core.mxfp4 import mlx_settings
+
+        quant = mlx_settings(quant)
     defaults = {"group_size": quant.get("group_size", 64), "bits": quant.get("bits", 4), "mode": quant.get("mode", "affine")}
 
     def predicate(path, module):

@@ -263,12 +263,6 @@ def test_mlx_lm_rotates_like_us_with_the_release_rope():
 
 # --- through the pipeline -------------------------------------------------------------------------------------------
 
-NEEDS_PIPELINE = pytest.mark.xfail(strict=True, reason="needs the pipeline changes in the gpt-oss report: "
-                                   "quantize_like reading a transformers quantization_config, and convert_weights "
-                                   "keeping (or dequantizing) layers that arrive quantized")
-
-
-@NEEDS_PIPELINE
 def test_mxfp4_source_converts_keeping_its_bytes(pair, tmp_path):
     packed, twin = pair
     result = convert(str(packed), tmp_path / "out")
@@ -283,7 +277,6 @@ def test_mxfp4_source_converts_keeping_its_bytes(pair, tmp_path):
     assert rel_error(mlx_lm_logits(result.path), ours(result.path)) <= 1e-5
 
 
-@NEEDS_PIPELINE
 def test_mxfp4_source_dequantizes_on_request(pair, tmp_path):
     packed, twin = pair
     result = convert(str(packed), tmp_path / "out", dequantize=True, dtype="float32")
