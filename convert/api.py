@@ -25,6 +25,7 @@ class ConvertResult:
     seconds: float
     quantization: Optional[dict] = None
     skipped_layers: list = field(default_factory=list)
+    excluded_layers: list = field(default_factory=list)  # kept in full precision by the architecture (routers)
     validation: Optional[validate.Report] = None
     published: Optional[object] = None
 
@@ -140,7 +141,7 @@ def write_output(plan: ConvertPlan, src, folder: Path, tmp: Path, converted: Con
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
     save.copy_side_files(folder, tmp)
     result = ConvertResult(plan.mlx_path, size, size * 8 / converted.n_params, converted.n_params, 0.0,
-                           quant.config, quant.skipped)
+                           quant.config, quant.skipped, excluded_layers=quant.excluded)
     result.validation = gate(plan, folder, tmp, progress, log)
     write_card(plan, src, folder, tmp, converted.dtype, result)
     return result
@@ -209,10 +210,20 @@ def write_card(plan, src, source_folder, out, dtype, result):
                "**Not validated**: the conversion was run with `--skip-validation`.")
     text = card.render_card(repo_name=plan.mlx_path.name, base_model=base, source_meta=meta, commit=src.commit,
                             recipe=plan.recipe_name, dtype=dtype, bits_per_weight=result.bits_per_weight,
-                            quantized=plan.quantize, validation=summary, skipped_layers=result.skipped_layers,
+                            quantized=plan.quantize, validation=summary,
+                            skipped_layers=result.skipped_layers + precise_note(result.excluded_layers),
                             upload_repo=plan.upload_repo, ignored_code=src.ignored_code,
                             model_type=src.config["model_type"])
     (out / "README.md").write_text(text)
+
+
+def precise_note(paths: list) -> list:
+    """One card entry for the layers the architecture keeps in full precision (MoE routers and gates)."""
+    if not paths:
+        return []
+    names = sorted({p.rsplit(".", 1)[-1] for p in paths})
+    return [f"{len(paths)} router/gate layers ({', '.join(names)}), by the architecture, recorded as `false` in "
+            "config.json's quantization"]
 
 
 def upload(plan, src, log):

@@ -20,6 +20,7 @@ from .plan import RECIPES, ConvertPlan
 class QuantReport:
     config: Optional[dict] = None  # the "quantization" entry of config.json
     skipped: list = field(default_factory=list)  # quantizable layers kept in full precision, with the reason
+    excluded: list = field(default_factory=list)  # layers the model keeps in full precision (routers, gates)
 
 
 def build_model(config: dict, weights: dict):
@@ -119,7 +120,8 @@ def quantize(model, plan: ConvertPlan) -> QuantReport:
     # mlx-lm reads per-layer entries: a dict where a layer differs from the default, False where it stays float.
     overrides = {path: params for path, params in settings.items() if params != default}
     overrides.update({path: False for path in [*excluded, *skipped]})
-    return QuantReport(config={**default, **overrides}, skipped=[f"{p} ({why})" for p, why in skipped.items()])
+    return QuantReport(config={**default, **overrides}, skipped=[f"{p} ({why})" for p, why in skipped.items()],
+                       excluded=excluded)
 
 
 def source_quantization(model) -> QuantReport:

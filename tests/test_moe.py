@@ -345,6 +345,8 @@ def test_4bit_conversion_records_routers_as_false(qwen2_moe_4bit):
     for i in range(2):
         assert quant_config.get(f"model.layers.{i}.mlp.gate") is False
         assert quant_config.get(f"model.layers.{i}.mlp.shared_expert_gate") is False
+    card = (qwen2_moe_4bit.path / "README.md").read_text()
+    assert "- Kept in full precision: 4 router/gate layers (gate, shared_expert_gate), by the architecture" in card
 
 
 # --- memory -------------------------------------------------------------------------------------------------------
