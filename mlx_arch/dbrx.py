@@ -16,12 +16,11 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Optional
 
-import mlx.core as mx
 import mlx.nn as nn
 
 from .core.base import BaseModelArgs
 from .core.kinds import KindedLayer, LayerKind
-from .core.layers import CausalLM, FusedQKVAttention, NamedBackbone, activation
+from .core.layers import CausalLM, ClipQKV, FusedQKVAttention, NamedBackbone, activation
 from .core.moe import NestedGate, RoutedModel, SparseMoE, softmax_topk_pnorm
 from .core.weights import Split, Transpose
 
@@ -61,18 +60,8 @@ class ModelArgs(BaseModelArgs):
     max_position_embeddings = property(lambda self: self.max_seq_len)
 
 
-class ClippedFusedAttention(FusedQKVAttention):
+class ClippedFusedAttention(ClipQKV, FusedQKVAttention):
     """Fused q/k/v attention whose projections are clamped elementwise (before RoPE)."""
-
-    def __init__(self, *args, clip: Optional[float] = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.clip = clip
-
-    def project(self, x):
-        q, k, v = super().project(x)
-        if self.clip is None:
-            return q, k, v
-        return tuple(mx.clip(t, -self.clip, self.clip) for t in (q, k, v))
 
 
 class ExpertGLU(nn.Module):

@@ -8,12 +8,11 @@ transformers."""
 from dataclasses import dataclass
 from typing import Optional
 
-import mlx.core as mx
 import mlx.nn as nn
 
 from . import llama
 from .core.kinds import LayerKind
-from .core.layers import Attention
+from .core.layers import Attention, ClipQKV
 
 
 @dataclass
@@ -23,18 +22,8 @@ class ModelArgs(llama.ModelArgs):
     windowed = False
 
 
-class ClippedAttention(Attention):
+class ClippedAttention(ClipQKV, Attention):
     """Attention whose q/k/v projections are clamped elementwise (before RoPE)."""
-
-    def __init__(self, *args, clip: Optional[float] = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.clip = clip
-
-    def project(self, x):
-        q, k, v = super().project(x)
-        if self.clip is None:
-            return q, k, v
-        return tuple(mx.clip(t, -self.clip, self.clip) for t in (q, k, v))
 
 
 class Model(llama.Model):

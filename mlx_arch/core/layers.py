@@ -107,6 +107,21 @@ class Attention(nn.Module):
         return self.o_proj(self.attend(*self.project(x), mask, cache))
 
 
+class ClipQKV:
+    """Mixin for an attention class whose q/k/v projections are clamped elementwise before RoPE (OLMo's and DBRX's
+    `clip_qkv`; None switches it off)."""
+
+    def __init__(self, *args, clip: Optional[float] = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.clip = clip
+
+    def project(self, x):
+        q, k, v = super().project(x)
+        if self.clip is None:
+            return q, k, v
+        return tuple(mx.clip(t, -self.clip, self.clip) for t in (q, k, v))
+
+
 class MLP(nn.Module):
     """Gated MLP: down(act(gate(x)) * up(x))."""
 
