@@ -13,7 +13,21 @@ import mlx_arch
 from mlx_arch.core.cache import make_prompt_cache
 from checkpoints import load_reference, make_checkpoint
 
-CASES = json.loads((Path(__file__).parent / "data" / "model_configs.json").read_text())["cases"]
+def _load_cases() -> list:
+    """The table in data/model_configs.json, then data/cases/*.json (one file per group of families, same shape:
+    {"cases": [...]}), in name order; ids must be unique."""
+    data = Path(__file__).parent / "data"
+    cases = json.loads((data / "model_configs.json").read_text())["cases"]
+    for f in sorted((data / "cases").glob("*.json")):
+        cases += json.loads(f.read_text())["cases"]
+    ids = [c["id"] for c in cases]
+    dupes = sorted({i for i in ids if ids.count(i) > 1})
+    if dupes:
+        raise ValueError(f"duplicate case ids in tests/data: {dupes}")
+    return cases
+
+
+CASES = _load_cases()
 
 
 def case_params(styles=("v5", "v4")):

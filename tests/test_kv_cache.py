@@ -234,3 +234,18 @@ def test_trim_prompt_cache():
     assert not can_trim_prompt_cache(rotating)
     assert trim_prompt_cache(rotating, 1) == 0
     assert [c.offset for c in rotating] == [6, 6]
+
+
+def test_state_cache_keeps_slots_and_refuses_rewind():
+    import pytest
+    from mlx_arch.core.cache import StateCache, can_trim_prompt_cache, trim_prompt_cache
+
+    c = StateCache(2)
+    assert c.empty() and c.make_mask(3) is None
+    c[0], c[1] = mx.zeros((1, 3, 4)), mx.ones((1, 2, 2))
+    c.advance(3)
+    assert not c.empty() and c.nbytes() == (12 + 4) * 4 and c.meta_state == (3,)
+    assert not can_trim_prompt_cache([c]) and trim_prompt_cache([c], 1) == 0
+    with pytest.raises(ValueError, match="cannot be rewound"):
+        c.trim(1)
+    assert not hasattr(c, "offset")  # positions never come from a recurrent state

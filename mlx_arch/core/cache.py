@@ -6,6 +6,7 @@ always describes exactly the keys that the following `update_and_fetch` returns.
 
 - `KVCache`: keeps every token, preallocating in chunks of `step` tokens.
 - `QuantizedKVCache`: like KVCache, but stores keys/values quantized along head_dim with `mx.quantize`.
+- `StateCache`: the fixed-size state of a recurrent layer (no per-token history, not trimmable).
 - `RotatingKVCache`: keeps at most `max_size` tokens: the first `keep` ("sink") tokens plus the latest
   `max_size - keep` ones. A query at absolute position p therefore sees key k iff
   k <= p and (k < keep or p - k < max_size - keep), further restricted to p - k < window_size when the model
@@ -376,6 +377,58 @@ class RotatingKVCache:
 
     def to_quantized(self, group_size: int = 64, bits: int = 8):
         raise NotImplementedError("RotatingKVCache has no quantized variant; use KVCache.to_quantized instead")
+
+
+class StateCache:
+    """The state of a recurrent layer (state-space, short convolution, linear attention, delta rule): a fixed number
+    of slots (e.g. the last convolution inputs and the recurrent state), each replaced as tokens arrive. It keeps no
+    per-token history, so it has no token offset (positions come from the attention caches of a hybrid model, or
+    from an explicit offset) and cannot be rewound."""
+
+    def __init__(self, slots: int = 2):
+        self.slots: List[Optional[mx.array]] = [None] * slots
+        self.seen = 0  # tokens folded into the state so far
+
+    def __getitem__(self, i: int) -> Optional[mx.array]:
+        return self.slots[i]
+
+    def __setitem__(self, i: int, value: Optional[mx.array]):
+        self.slots[i] = value
+
+    def advance(self, n: int):
+        self.seen += n
+
+    def empty(self) -> bool:
+        return all(s is None for s in self.slots)
+
+    def make_mask(self, N: int, window_size: Optional[int] = None):
+        return None  # a recurrent layer is causal by construction
+
+    def nbytes(self) -> int:
+        return sum(s.nbytes for s in self.slots if s is not None)
+
+    def is_trimmable(self) -> bool:
+        return False
+
+    def trim(self, n: int) -> int:
+        raise ValueError("a recurrent layer's state cannot be rewound by tokens; rebuild the cache and prefill the "
+                         "shorter prompt again")
+
+    @property
+    def state(self) -> list:
+        return list(self.slots)
+
+    @state.setter
+    def state(self, v: list):
+        self.slots = list(v)
+
+    @property
+    def meta_state(self) -> Tuple[int]:
+        return (self.seen,)
+
+    @meta_state.setter
+    def meta_state(self, v):
+        self.seen = int(v[0])
 
 
 def make_prompt_cache(model: Any, max_kv_size: Optional[int] = None) -> list:
