@@ -26,6 +26,7 @@ class ConvertResult:
     quantization: Optional[dict] = None
     skipped_layers: list = field(default_factory=list)
     excluded_layers: list = field(default_factory=list)  # kept in full precision by the architecture (routers)
+    quantization_method: str = ""  # how the codes were chosen and on which calibration text (quantized outputs)
     validation: Optional[validate.Report] = None
     published: Optional[object] = None
 
@@ -117,7 +118,7 @@ def convert_weights(plan: ConvertPlan, src, weights: dict, log) -> Converted:
     else:
         q.cast(model, dtype)
     if plan.quantize:
-        quant = q.quantize(model, plan)
+        quant = q.quantize(model, plan, src.folder, log)
     elif not plan.dequantize:
         quant = q.source_quantization(model)  # layers the source stores quantized stay as they are
     for skipped in quant.skipped:
@@ -141,7 +142,8 @@ def write_output(plan: ConvertPlan, src, folder: Path, tmp: Path, converted: Con
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
     save.copy_side_files(folder, tmp)
     result = ConvertResult(plan.mlx_path, size, size * 8 / converted.n_params, converted.n_params, 0.0,
-                           quant.config, quant.skipped, excluded_layers=quant.excluded)
+                           quant.config, quant.skipped, excluded_layers=quant.excluded,
+                           quantization_method=quant.method_description)
     result.validation = gate(plan, folder, tmp, progress, log)
     write_card(plan, src, folder, tmp, converted.dtype, result)
     return result
@@ -213,7 +215,7 @@ def write_card(plan, src, source_folder, out, dtype, result):
                             quantized=plan.quantize, validation=summary,
                             skipped_layers=result.skipped_layers + precise_note(result.excluded_layers),
                             upload_repo=plan.upload_repo, ignored_code=src.ignored_code,
-                            model_type=src.config["model_type"])
+                            model_type=src.config["model_type"], quantization_method=result.quantization_method)
     (out / "README.md").write_text(text)
 
 

@@ -1,6 +1,8 @@
-"""Model assembly, cast and quantization. Arrays stay lazy here: the work happens when save evaluates a shard."""
+"""Model assembly, cast and quantization. Arrays stay lazy here: the work happens when save evaluates a shard
+(calibrated methods excepted: they compute each layer's quantized weights as they go, see calibrate.py)."""
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 import mlx.core as mx
@@ -21,6 +23,9 @@ class QuantReport:
     config: Optional[dict] = None  # the "quantization" entry of config.json
     skipped: list = field(default_factory=list)  # quantizable layers kept in full precision, with the reason
     excluded: list = field(default_factory=list)  # layers the model keeps in full precision (routers, gates)
+    method: str = ""  # how the codes were chosen: rtn, search or gptq
+    method_description: str = ""  # the same, with the calibration text, for the model card
+    calibration: Optional[object] = None  # calibrate.CalibrationReport for the gptq and search methods
 
 
 def build_model(config: dict, weights: dict):
@@ -112,16 +117,69 @@ def check_applicable(config: dict, plan: ConvertPlan):
                            "another --q-group-size")
 
 
-def quantize(model, plan: ConvertPlan) -> QuantReport:
+def quantize(model, plan: ConvertPlan, tokenizer_folder=None, log=None, scratch=None) -> QuantReport:
+    """Quantize `model` in place as `plan` says. The gptq and search methods calibrate the affine layers they
+    handle (convert/calibrate.py) on text tokenized by the tokenizer in `tokenizer_folder`, writing each layer's
+    result to the folder `scratch` (when given) to be read again lazily by save; the rest (block formats, layers
+    calibration does not handle) is rounded to nearest by `nn.quantize`."""
     settings, skipped = layer_settings(model, plan)
     excluded = excluded_layers(model)
-    nn.quantize(model, class_predicate=lambda path, module: settings.get(path, False))
+    log = log or (lambda message: None)
+    calibration, method = None, quantization_method(model, plan, settings, tokenizer_folder, log)
+    affine = {path: params for path, params in settings.items() if params["mode"] == "affine"}
+    if method != "rtn" and affine:
+        calibration = calibrated(model, plan, method, affine, tokenizer_folder, scratch)
+        log(f"quantization: {calibration.summary()}")
+    modules = dict(model.named_modules())
+    rest = {path: params for path, params in settings.items() if hasattr(modules[path], "to_quantized")}
+    nn.quantize(model, class_predicate=lambda path, module: rest.get(path, False))
     default = {"group_size": plan.q_group_size, "bits": plan.q_bits, "mode": plan.q_mode}
     # mlx-lm reads per-layer entries: a dict where a layer differs from the default, False where it stays float.
     overrides = {path: params for path, params in settings.items() if params != default}
     overrides.update({path: False for path in [*excluded, *skipped]})
     return QuantReport(config={**default, **overrides}, skipped=[f"{p} ({why})" for p, why in skipped.items()],
-                       excluded=excluded)
+                       excluded=excluded, method=method, method_description=plan.describe_method(method),
+                       calibration=calibration)
+
+
+def quantization_method(model, plan: ConvertPlan, settings: dict, tokenizer_folder, log) -> str:
+    """The plan's method; by default round to nearest where calibration cannot run: without a tokenizer for the
+    calibration text, or for models with layers it would have to hold whole (mixture-of-experts: a layer's experts
+    can outgrow memory, and they are not calibrated yet)."""
+    from .calibrate import handles
+    from .checks import TOKENIZER_FILES
+
+    if plan.q_method is not None or plan.method == "rtn":
+        return plan.method
+    modules = dict(model.named_modules())
+    whole = [path for path in settings if not handles(modules[path])]
+    why = None
+    if tokenizer_folder is None or not any((Path(tokenizer_folder) / f).is_file() for f in TOKENIZER_FILES):
+        why = "the source has no tokenizer to read the calibration text with"
+    elif whole:
+        why = (f"it would hold whole layers of experts in memory ({whole[0]}...), which it does not calibrate yet; "
+               f"--q-method {plan.method} calibrates the other layers anyway")
+    if why:
+        log(f"quantization: round to nearest (rtn), the default for this model: no {plan.method} because {why}")
+        return "rtn"
+    return plan.method
+
+
+def calibrated(model, plan: ConvertPlan, method: str, settings: dict, tokenizer_folder, scratch=None):
+    """Quantize the layers in `settings` with a calibrated method; returns the CalibrationReport."""
+    from transformers import AutoTokenizer
+
+    from . import calibrate
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_folder))
+    except (OSError, ValueError, TypeError) as e:
+        raise ConvertError(f"--q-method {method} needs the model's tokenizer to read its calibration text, and "
+                           f"{tokenizer_folder} has none that loads ({str(e).splitlines()[0][:120]}); add the "
+                           "tokenizer files or use --q-method rtn") from None
+    widest = max(m.weight.shape[-1] for path, m in model.named_modules() if path in settings)
+    batches = calibrate.Calibration.of(plan.calibration_file).batches(tokenizer, model.args.vocab_size, widest)
+    return calibrate.LayerwiseQuantizer(model, settings, method, scratch).run(batches)
 
 
 def source_quantization(model) -> QuantReport:

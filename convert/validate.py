@@ -98,6 +98,7 @@ class Report:
     weights: dict = field(default_factory=dict)  # stored tensors against their source tensors
     probes: dict = field(default_factory=dict)  # how the probes were built
     shadow: dict = field(default_factory=dict)  # long-range parity on the shadow model (convert/shadow.py)
+    heldout: dict = field(default_factory=dict)  # quantized outputs: KL and perplexity ratio on held-out text
     seconds: dict = field(default_factory=dict)  # time per part of the gate (logged, not in validation.json)
     backend: dict = field(default_factory=dict)  # the device the MLX checks ran on and its float32 precision
     cache_rel_error: Optional[float] = None
@@ -282,7 +283,7 @@ def validate(source, output, progress: Optional[Callable] = None) -> Report:
 def _validate(source, output, progress, gate) -> Report:
     from mlx_arch import load_model
 
-    from . import layerwise, shadow
+    from . import heldout, layerwise, shadow
     from .reference import CheckpointReader, OutputWeights
 
     model, config = load_model(output, lazy=True)  # weights are read layer by layer, see layerwise.py
@@ -318,6 +319,9 @@ def _validate(source, output, progress, gate) -> Report:
                             low_precision=mx.float16 if float16 else None)
     with stage(report, "shadow long-range"):
         shadow_report = shadow.check_folders(source, output)
+    if config.get("quantization"):
+        with stage(report, "held-out text"):
+            report.heldout = heldout.measure(source, output, tokenizer, progress=progress)
 
     report.failures += [f"non-finite values in {', '.join(report.non_finite[:5])}"] if report.non_finite else []
     compare_exact(report, mask, out.logits, out.layers, *exact)
@@ -508,5 +512,8 @@ def summary_table(report: Report) -> str:
         worst = max(report.layers, key=lambda r: r["rel_error"])
         rows.append(("quantization cost: worst layer (hidden-state rel. error)",
                      f"{worst['layer']} ({worst['rel_error']:.2e})"))
+    from .heldout import summary_rows
+
+    rows += summary_rows(report.heldout)
     lines = ["| check | value |", "|---|---|"] + [f"| {a} | {b} |" for a, b in rows]
     return "\n".join(lines)
