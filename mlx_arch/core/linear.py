@@ -1,0 +1,154 @@
+"""Linear-attention and gated-recurrence layers of hybrid models: the gated delta rule (qwen3_next, qwen3_5,
+olmo_hybrid; Kimi's per-channel variant), decayed linear ("lightning") attention (minimax), the diagonal linear
+recurrence under RG-LRU (recurrent_gemma), their gated norm, and the block that makes a recurrent layer's cache.
+
+Every recurrence has two forms that compute the same thing: a chunked form for prompts (matrix products inside
+chunks of `chunk` tokens, one Python step per chunk, never per token) and a one-token step for decoding. States are
+float32 whatever the activations' dtype (transformers computes them in float32 too), and live in a `StateCache` slot.
+
+Shapes follow transformers: q, k (B, L, H, Dk), v (B, L, H, Dv), per-token log decays g (B, L, H) or, per key
+channel, (B, L, H, Dk), update strengths beta (B, L, H); the state is (B, H, Dk, Dv).
+"""
+
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .cache import StateCache
+from .layers import ResidualBlock
+
+CHUNK = 64  # tokens per chunk of the chunked forms (transformers' and FLA's default)
+
+
+class RecurrentBlock(ResidualBlock):
+    """A pre-norm block (under the checkpoint's names) whose mixer is attention or, for a layer of kind
+    "recurrent", a layer that keeps a state: its cache is a StateCache with the mixer's `cache_slots`."""
+
+    def make_cache(self):
+        if self.kind.attends:
+            return super().make_cache()
+        return StateCache(self[self.attn_name].cache_slots)
+
+
+def l2norm(x, eps: float = 1e-6):
+    """x / sqrt(sum(x^2) + eps) along the last axis (FLA's l2norm, which transformers mirrors)."""
+    return x * mx.rsqrt((x * x).sum(axis=-1, keepdims=True) + eps)
+
+
+def repeat_heads(x, heads: int):
+    """(B, L, h, D) -> (B, L, heads, D), each head serving heads // h consecutive heads (grouped values)."""
+    return x if x.shape[2] == heads else mx.repeat(x, heads // x.shape[2], axis=2)
+
+
+class GatedRMSNorm(nn.Module):
+    """RMSNorm of x times act(gate), in float32 (qwen3_next's RMSNormGated, FLA's FusedRMSNormGated)."""
+
+    def __init__(self, dims: int, eps: float = 1e-6, act=nn.silu):
+        super().__init__()
+        self.weight = mx.ones((dims,))
+        self.eps, self.act = eps, act
+
+    def __call__(self, x, gate):
+        dtype = x.dtype
+        y = mx.fast.rms_norm(x.astype(mx.float32), self.weight.astype(mx.float32), self.eps)
+        return (y * self.act(gate.astype(mx.float32))).astype(dtype)
+
+
+# --- the gated delta rule -----------------------------------------------------------------------------------------
+
+
+def _unit_lower_inverse(a):
+    """(I + a)^-1 for strictly lower-triangular a (..., C, C): the series sum_k (-a)^k, which ends because a is
+    nilpotent, as log2(C) products (I - a)(I + a^2)(I + a^4)... (matrix products only, on every device)."""
+    eye = mx.eye(a.shape[-1], dtype=a.dtype)
+    power, inverse = -a, eye - a
+    n = 2
+    while n < a.shape[-1]:
+        power = power @ power
+        inverse = inverse + power @ inverse
+        n *= 2
+    return inverse
+
+
+def _chunks(x, chunk: int):
+    """(B, H, L, ...) padded with zeros to whole chunks and split: (B, H, n, chunk, ...)."""
+    L = x.shape[2]
+    pad = -L % chunk
+    if pad:
+        x = mx.pad(x, [(0, 0), (0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 3))
+    return x.reshape(*x.shape[:2], -1, chunk, *x.shape[3:])
+
+
+def gated_delta_chunked(q, k, v, g, beta, state=None, chunk: int = CHUNK):
+    """The gated delta rule over a whole sequence, chunk by chunk: per token t the state decays by exp(g_t), then
+    moves toward v_t along k_t by beta_t (S <- S + beta_t k_t (v_t - k_t S)); the output is q_t S. q is expected
+    scaled already. g may be per head (B, L, H) or per key channel (B, L, H, Dk). Returns (out (B, L, H, Dv) in
+    float32, final state)."""
+    B, L, H, Dk = k.shape
+    Dv = v.shape[-1]
+    f32 = lambda x: x.astype(mx.float32)  # noqa: E731
+    q, k, v = (_chunks(f32(x).transpose(0, 2, 1, 3), chunk) for x in (q, k, v))  # (B, H, n, C, D)
+    beta = _chunks(f32(beta).transpose(0, 2, 1), chunk)  # (B, H, n, C)
+    g = f32(g)
+    per_channel = g.ndim == 4
+    g = _chunks(g.transpose(0, 2, 1, 3) if per_channel else g.transpose(0, 2, 1)[..., None], chunk)  # (B,H,n,C,d)
+    cum = mx.cumsum(g, axis=3)  # log decay from the chunk's start through each token
+    causal = mx.tril(mx.ones((chunk, chunk), dtype=mx.bool_))
+    # Pairwise decays exp(cum_i - cum_j), j <= i, per channel when the gate is: (B, H, n, C, C, d).
+    diff = mx.where(causal[..., None], cum[..., :, None, :] - cum[..., None, :, :], -mx.inf)
+    pair = mx.exp(diff)
+    kb = k * beta[..., None]
+    if per_channel:
+        dot = lambda a, b: (a[..., :, None, :] * b[..., None, :, :] * pair).sum(-1)  # noqa: E731
+    else:
+        pair = pair[..., 0]
+        dot = lambda a, b: (a @ b.swapaxes(-1, -2)) * pair  # noqa: E731
+    strict = mx.tril(mx.ones((chunk, chunk), dtype=mx.bool_), k=-1)
+    system = mx.where(strict, dot(kb, k), 0)
+    solve = _unit_lower_inverse(system)
+    values = solve @ (v * beta[..., None])  # the delta rule's corrected values before the old state's share
+    decayed_kb = solve @ (kb * mx.exp(cum))  # how each token reads the state from the chunk's start
+    inner = mx.where(causal, dot(q, k), 0)
+    q_read = q * mx.exp(cum)
+    last = cum[..., -1:, :]  # (B, H, n, 1, d)
+    k_write = k * mx.exp(last - cum)
+    chunk_decay = mx.exp(last).swapaxes(-1, -2)  # (B, H, n, d, 1)
+    S = mx.zeros((B, H, Dk, Dv), mx.float32) if state is None else f32(state)
+    out = []
+    for i in range(q.shape[2]):
+        new = values[:, :, i] - decayed_kb[:, :, i] @ S
+        out.append(q_read[:, :, i] @ S + inner[:, :, i] @ new)
+        S = S * chunk_decay[:, :, i] + k_write[:, :, i].swapaxes(-1, -2) @ new
+    out = mx.concatenate(out, axis=2)[:, :, :L]
+    return out.transpose(0, 2, 1, 3), S
+
+
+def gated_delta_step(q, k, v, g, beta, state=None):
+    """The gated delta rule one token at a time (L = 1 in decoding; any L for tests): the recurrent form."""
+    B, L, H, Dk = k.shape
+    f32 = lambda x: x.astype(mx.float32)  # noqa: E731
+    S = mx.zeros((B, H, Dk, v.shape[-1]), mx.float32) if state is None else f32(state)
+    decay = mx.exp(f32(g))
+    out = []
+    for t in range(L):
+        d = decay[:, t][..., None] if decay.ndim == 4 else decay[:, t][..., None, None]
+        S = S * d
+        k_t = f32(k[:, t])
+        delta = (f32(v[:, t]) - (S * k_t[..., None]).sum(-2)) * f32(beta[:, t])[..., None]
+        S = S + k_t[..., None] * delta[..., None, :]
+        out.append((S * f32(q[:, t])[..., None]).sum(-2))
+    return mx.stack(out, axis=1), S
+
+
+def gated_delta(q, k, v, g, beta, cache: Optional[StateCache] = None, slot: int = 0, chunk: int = CHUNK):
+    """The gated delta rule with its state in `cache[slot]`: the recurrent step for a single token after a prefill,
+    the chunked form otherwise. Output in float32."""
+    state = cache[slot] if cache is not None else None
+    if q.shape[1] == 1 and state is not None:
+        out, state = gated_delta_step(q, k, v, g, beta, state)
+    else:
+        out, state = gated_delta_chunked(q, k, v, g, beta, state, chunk)
+    if cache is not None:
+        cache[slot] = state
+    return out
