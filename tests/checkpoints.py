@@ -74,9 +74,9 @@ _NORM = re.compile(r"norm|(^|\.)ln")  # RMSNorm/LayerNorm weights: `...norm.weig
 
 
 # Buffers that are checkpoint data rather than derived state: DeepSeek-V3-style routers' correction biases (zeros
-# when built). Redrawn N(0, 0.1), the spread of the sigmoid scores they shift, so that ignoring one changes the
-# experts chosen.
-_DATA_BUFFERS = re.compile(r"(^|\.)e_score_correction_bias$")
+# when built; LFM2-MoE calls its `expert_bias`). Redrawn N(0, 0.1), the spread of the sigmoid scores they shift, so
+# that ignoring one changes the experts chosen.
+_DATA_BUFFERS = re.compile(r"(^|\.)(e_score_correction_bias|expert_bias)$")
 
 
 def randomize(model, seed: int = 0, std: float = 0.05):
