@@ -33,8 +33,8 @@ class ConvertResult:
 
 def convert(hf_path: str, mlx_path=None, *, revision: Optional[str] = None, quantize: bool = False,
             q_bits: Optional[int] = None, q_group_size: Optional[int] = None, q_mode: str = "affine",
-            quant_recipe: Optional[str] = None, dtype: Optional[str] = None, dequantize: bool = False,
-            upload_repo: Optional[str] = None, private: bool = False, skip_validation: bool = False,
+            quant_recipe: Optional[str] = None, q_method: Optional[str] = None, calibration_file=None,
+            dtype: Optional[str] = None, dequantize: bool = False, upload_repo: Optional[str] = None, private: bool = False, skip_validation: bool = False,
             dry_run: bool = False, max_shard_size: int = 5 * GB, overwrite: bool = False,
             endpoint: Optional[str] = None, token: Optional[str] = None,
             progress: Optional[Callable] = None, log: Optional[Callable] = None) -> ConvertResult:
@@ -47,7 +47,8 @@ def convert(hf_path: str, mlx_path=None, *, revision: Optional[str] = None, quan
     stage messages. Raises ConvertError with a one-line message for anything the user can fix.
     """
     plan = ConvertPlan(hf_path=hf_path, mlx_path=mlx_path, revision=revision, quantize=quantize, q_bits=q_bits,
-                       q_group_size=q_group_size, q_mode=q_mode, quant_recipe=quant_recipe, dtype=dtype,
+                       q_group_size=q_group_size, q_mode=q_mode, quant_recipe=quant_recipe, q_method=q_method,
+                       calibration_file=calibration_file, dtype=dtype,
                        dequantize=dequantize, upload_repo=upload_repo, private=private,
                        skip_validation=skip_validation, dry_run=dry_run, max_shard_size=max_shard_size,
                        overwrite=overwrite, endpoint=endpoint, token=token)
@@ -74,8 +75,9 @@ def _run(plan: ConvertPlan, progress, log) -> ConvertResult:
     folder = source.fetch(plan, src)
     with save.scratch(plan.mlx_path) as scratch:  # .bin sources are rewritten here to be read lazily
         converted = convert_weights(plan, src, source_weights(folder, src, progress, scratch), log)
-        with save.staging(plan.mlx_path, plan.overwrite) as tmp:
-            result = write_output(plan, src, folder, tmp, converted, progress, log)
+        key = resume_key(plan, src)
+        with save.staging(plan.mlx_path, plan.overwrite, key) as tmp:
+            result = write_output(plan, src, folder, tmp, converted, progress, log, save.Manifest(tmp, key))
     result.seconds = time.time() - start
     if plan.upload_repo:
         result.published = upload(plan, src, log)
@@ -133,11 +135,30 @@ def convert_weights(plan: ConvertPlan, src, weights: dict, log) -> Converted:
     return Converted(dict(tree_flatten(model.parameters())), config, dtype, quant, q.parameter_count(model))
 
 
-def write_output(plan: ConvertPlan, src, folder: Path, tmp: Path, converted: Converted, progress, log):
+def resume_key(plan: ConvertPlan, src) -> str:
+    """What must match for a run to resume another's shards: every option that shapes the output files and the
+    source's identity (its commit, or for a local folder its weight files' names, sizes and times)."""
+    import hashlib
+
+    options = {k: str(v) for k, v in sorted(vars(plan).items()) if k not in ("token", "upload_repo", "private",
+                                                                            "dry_run", "overwrite", "endpoint")}
+    if src.commit:
+        identity = src.commit
+    else:
+        identity = [(f, (Path(src.folder) / f).stat().st_size, (Path(src.folder) / f).stat().st_mtime_ns)
+                    for f in src.weight_files]
+    return hashlib.sha256(json.dumps([options, identity], default=str).encode()).hexdigest()
+
+
+def write_output(plan: ConvertPlan, src, folder: Path, tmp: Path, converted: Converted, progress, log,
+                 manifest: Optional[save.Manifest] = None):
     """Shards, config, side files, then the gate on what was written, then the card (which reports the gate)."""
     shard_progress = (lambda it: progress(it, desc="save", unit="shard")) if progress else None
     quant = converted.quant
-    size = save.write_weights(converted.weights, tmp, plan.max_shard_size, shard_progress)
+    size = save.write_weights(converted.weights, tmp, plan.max_shard_size, shard_progress, manifest)
+    if manifest and manifest.reused:
+        log(f"resumed: {manifest.reused} shard(s) written by an interrupted run were verified (size, SHA-256) and "
+            "kept")
     config = save.output_config(converted.config, converted.dtype, quant.config)
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
     save.copy_side_files(folder, tmp)

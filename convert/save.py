@@ -59,17 +59,78 @@ def _evaluated_bytes(array):
     return memoryview(np.asarray(flat.view(mx.uint8)))
 
 
-def write_weights(weights: dict, folder: Path, max_bytes: int, progress=None) -> int:
-    """Write shards and the index; `weights` is emptied as shards are written so their memory can be freed."""
+MANIFEST = ".mlx-convert-manifest.json"
+
+
+class Manifest:
+    """What a staging folder already holds, for resuming a run that was killed while writing shards: the run's key
+    (a digest of the source and of every option that shapes the output) and, per finished shard, its tensor names,
+    size and SHA-256. A shard is reused only when all of them match; the file never reaches the output."""
+
+    def __init__(self, folder: Path, key: str):
+        self.path, self.key = Path(folder) / MANIFEST, key
+        stored = read_manifest(self.path)
+        self.shards = stored.get("shards", {}) if stored.get("key") == key else {}
+        self.reused = 0
+
+    def verified(self, folder: Path, file: str, keys: list) -> int:
+        """The data bytes of `file` when it is a finished shard of exactly `keys`, intact; else None."""
+        entry, path = self.shards.get(file), Path(folder) / file
+        if not entry or entry["tensors"] != keys or not path.is_file() or path.stat().st_size != entry["size"]:
+            return None
+        if file_digest(path) != entry["sha256"]:
+            return None
+        self.reused += 1
+        return entry["data_bytes"]
+
+    def record(self, folder: Path, file: str, keys: list, data_bytes: int):
+        path = Path(folder) / file
+        self.shards[file] = {"tensors": keys, "size": path.stat().st_size, "sha256": file_digest(path),
+                             "data_bytes": data_bytes}
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"key": self.key, "shards": self.shards}))
+        tmp.replace(self.path)  # atomic: a kill never leaves half a manifest
+
+    def remove(self):
+        self.path.unlink(missing_ok=True)
+
+
+def read_manifest(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def file_digest(path: Path) -> str:
+    import hashlib
+
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def write_weights(weights: dict, folder: Path, max_bytes: int, progress=None, manifest=None) -> int:
+    """Write shards and the index; `weights` is emptied as shards are written so their memory can be freed. With
+    a `Manifest`, shards an interrupted run already finished are verified and kept instead of computed again."""
     shards = plan_shards(weights, max_bytes)
     names = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     weight_map, total = {}, 0
     for keys, file in zip(progress(shards) if progress else shards, names):
-        # Streamed tensor by tensor: the peak is one output tensor plus the source tensors behind it, whatever the
-        # shard size (mx.save_safetensors would hold the whole evaluated shard).
-        total += stream_safetensors(folder / file, [(k, weights.pop(k)) for k in keys])
+        done = manifest.verified(folder, file, keys) if manifest else None
+        if done is None:
+            # Streamed tensor by tensor: the peak is one output tensor plus the source tensors behind it, whatever
+            # the shard size (mx.save_safetensors would hold the whole evaluated shard).
+            done = stream_safetensors(folder / file, [(k, weights.pop(k)) for k in keys])
+            if manifest:
+                manifest.record(folder, file, keys, done)
+        else:
+            for k in keys:  # never computed: the lazy arrays are simply dropped
+                del weights[k]
+        total += done
         weight_map.update({k: file for k in keys})
+    if manifest:
+        manifest.remove()
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     return total
@@ -160,13 +221,22 @@ def locked(target: Path):
         handle.close()
 
 
-def remove_stale_siblings(target: Path):
-    """Staging and scratch folders of runs that no longer exist (their pid is in the folder name)."""
+def remove_stale_siblings(target: Path, resumable: bool = True):
+    """Staging and scratch folders of runs that no longer exist (their pid is in the folder name). Staging folders
+    holding finished shards stay for `staging` to resume or remove (`resumable`)."""
     for kind in ("partial", "scratch", "old"):
-        for folder in target.parent.glob(f".{target.name}.{kind}-*"):
-            pid = folder.name.rsplit("-", 1)[-1]
-            if folder.is_dir() and pid.isdigit() and not pid_alive(int(pid)):
+        for folder in stale_siblings(target, kind):
+            if not (resumable and kind == "partial" and (folder / MANIFEST).is_file()):
                 shutil.rmtree(folder, ignore_errors=True)
+
+
+def stale_siblings(target: Path, kind: str) -> list:
+    found = []
+    for folder in sorted(target.parent.glob(f".{target.name}.{kind}-*")):
+        pid = folder.name.rsplit("-", 1)[-1]
+        if folder.is_dir() and pid.isdigit() and not pid_alive(int(pid)):
+            found.append(folder)
+    return found
 
 
 def pid_alive(pid: int) -> bool:
@@ -191,11 +261,19 @@ def scratch(target: Path):
 
 
 @contextlib.contextmanager
-def staging(target: Path, overwrite: bool):
-    """A temporary sibling folder, renamed to `target` on success and removed on failure."""
+def staging(target: Path, overwrite: bool, resume_key: str = None):
+    """A temporary sibling folder, renamed to `target` on success and removed on failure. With `resume_key`, the
+    staging folder that a killed run with the same key left is taken over (see `Manifest`)."""
     target = Path(target).absolute()
     check_target(target, overwrite)
     tmp = fresh_sibling(target, "partial")
+    for old in stale_siblings(target, "partial"):
+        if resume_key and tmp.is_dir() and not any(tmp.iterdir()) and \
+                read_manifest(old / MANIFEST).get("key") == resume_key:
+            tmp.rmdir()
+            old.rename(tmp)  # resumed: `Manifest` tells which shards are finished
+        else:
+            shutil.rmtree(old, ignore_errors=True)
     try:
         yield tmp
     except BaseException:

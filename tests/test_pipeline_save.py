@@ -33,9 +33,10 @@ def test_peak_memory_is_bounded_by_one_tensor(wide, tmp_path, monkeypatch):
     shard = 600_000
     mx.clear_cache()
     mx.reset_peak_memory()
-    # 4-bit output of float32 weights: one output shard stands for ~8x its size of source data.
+    # 4-bit output of float32 weights: one output shard stands for ~8x its size of source data. Rounded to nearest:
+    # the calibrated methods compute each layer before saving (their memory is test_calibrate's).
     result = convert(str(wide), tmp_path / "out", quantize=True, q_group_size=32, max_shard_size=shard,
-                     skip_validation=True)
+                     skip_validation=True, q_method="rtn")
     largest_source_tensor = 768 * 256 * 4
     assert len(peaks) > 3
     for written, peak in peaks:
