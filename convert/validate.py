@@ -394,7 +394,10 @@ def weight_fidelity(held, source, bound: float) -> dict:
         if ours.shape != ref.shape:
             errors[key] = float("inf")
             continue
-        errors[key] = float(torch.linalg.vector_norm(ours - ref) / max(float(torch.linalg.vector_norm(ref)), 1e-30))
+        # A tensor stored with a constant folded in (a norm's 1 + w) is judged against the size of what is stored.
+        offset = sum(rule.stored_offset(key) for rule in getattr(held, "rules", ()) if hasattr(rule, "stored_offset"))
+        scale = float(torch.linalg.vector_norm(ref + offset))
+        errors[key] = float(torch.linalg.vector_norm(ours - ref) / max(scale, 1e-30))
         del ours, ref
     worst = max(errors.items(), key=lambda kv: kv[1], default=(None, 0.0))
     misplaced = sorted(((k, e) for k, e in errors.items() if not e <= bound), key=lambda kv: -kv[1])

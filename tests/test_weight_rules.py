@@ -40,8 +40,12 @@ def test_inverse_of_sanitize_gives_back_the_checkpoint(tmp_path, case):
     back = apply_rules(dict(converted), inverse(rules))
     kept = {k for k in source if not dropped(rules, k)}
     assert sorted(back) == sorted(kept), f"extra: {sorted(set(back) - kept)}; missing: {sorted(kept - set(back))}"
+    # An operation that changes values (a norm's offset folded into its weight) declares the rounding its round
+    # trip may cost, in absolute terms; every other operation gives back the exact tensors.
+    rounding = sum(getattr(rule, "rounding", 0.0) for rule in rules)
     for k in kept:
-        assert back[k].dtype == source[k].dtype and mx.array_equal(back[k], source[k]), k
+        assert back[k].dtype == source[k].dtype, k
+        assert mx.array_equal(back[k], source[k]) or mx.allclose(back[k], source[k], rtol=0, atol=rounding), k
 
 
 def test_rename_is_longest_match_and_inverts():

@@ -17,6 +17,7 @@ import mlx.nn as nn
 
 from .cache import StateCache
 from .layers import ResidualBlock
+from .weights import Op, template
 
 CHUNK = 64  # tokens per chunk of the chunked forms (transformers' and FLA's default)
 
@@ -29,6 +30,37 @@ class RecurrentBlock(ResidualBlock):
         if self.kind.attends:
             return super().make_cache()
         return StateCache(self[self.attn_name].cache_slots)
+
+
+class FoldNormOffset(Op):
+    """(1 + w) RMSNorm weights stored as w in the checkpoint <-> the plain weights 1 + w that mlx-lm reads, for the
+    declared keys. The checkpoint layout is recognised by a depthwise convolution weight (`marker`) still stored
+    (C, 1, K): fold only then (and unfold only then, in the inverse, which runs after the convolution's own rule
+    has put it back), so that sanitize can run twice. Folded in float32 (the cast rounds once)."""
+
+    rounding = 2.0**-22  # float32 spacing near 1 + w (|1 + w| < 4): the round trip's largest error
+
+    def __init__(self, marker: str, *patterns: str, sign: float = 1.0):
+        self.marker, self.patterns, self.sign = marker, patterns, sign
+        self.marker_regex = template(marker)
+        self.regexes = [template(p) for p in patterns]
+
+    def _source_layout(self, w) -> bool:
+        convs = [v for k, v in w.items() if self.marker_regex.match(k)]
+        return any(v.ndim == 3 and v.shape[1] == 1 and v.shape[2] > 1 for v in convs)
+
+    def apply(self, w):
+        if not self._source_layout(w):
+            return w
+        return {k: (v.astype(mx.float32) + self.sign if any(r.match(k) for r in self.regexes) else v)
+                for k, v in w.items()}
+
+    def inverse(self):
+        return FoldNormOffset(self.marker, *self.patterns, sign=-self.sign)
+
+    def stored_offset(self, key: str) -> float:
+        """The constant that the stored form of checkpoint tensor `key` adds to it (for the gate's weight check)."""
+        return self.sign if any(r.match(key) for r in self.regexes) else 0.0
 
 
 def l2norm(x, eps: float = 1e-6):
