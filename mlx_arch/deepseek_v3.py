@@ -22,7 +22,7 @@ from . import llama
 from .core.kinds import LayerKind
 from .core.layers import MLP
 from .core.mla import LatentAttention, SplitKeyValueHeads, softmax_scale
-from .core.moe import RoutedModel, SparseMoE, sigmoid_topk, stack_experts
+from .core.moe import RoutedModel, SparseMoE, mlp_kinds, sigmoid_topk, stack_experts
 from .core.rope import initialize_rope
 from .core.weights import Drop
 
@@ -74,10 +74,16 @@ class Model(RoutedModel, llama.Model):
         scale = softmax_scale(a.qk_nope_head_dim + a.qk_rope_head_dim, a.rope_scaling)
         return LatentAttention(a.hidden_size, a.num_attention_heads, a.q_lora_rank, a.kv_lora_rank,
                                a.qk_nope_head_dim, a.qk_rope_head_dim, a.v_head_dim, self.rope, scale,
-                               bias=a.attention_bias, indexer=indexer)
+                               bias=a.attention_bias, indexer=indexer, split_kv=self.split_kv)
 
     def is_sparse(self, index: int) -> bool:
-        return index >= (self.args.first_k_dense_replace or 0)
+        a = self.args  # `mlp_layer_types` only where the config class has it (DeepSeek-V3.2, GLM)
+        return mlp_kinds(a.num_hidden_layers, getattr(a, "mlp_layer_types", None), a.first_k_dense_replace)[index] \
+            == "sparse"
+
+    def dense(self, width: int) -> nn.Module:
+        a = self.args
+        return MLP(a.hidden_size, width, a.hidden_act)
 
     def route(self):
         a = self.args
@@ -87,17 +93,18 @@ class Model(RoutedModel, llama.Model):
     def mlp(self, index: int) -> nn.Module:
         a = self.args
         if not self.is_sparse(index):
-            return MLP(a.hidden_size, a.intermediate_size, a.hidden_act)
-        shared = MLP(a.hidden_size, a.moe_intermediate_size * a.n_shared_experts, a.hidden_act) \
-            if a.n_shared_experts is not None else None  # transformers builds a zero-width one for 0
+            return self.dense(a.intermediate_size)
+        # transformers builds a zero-width shared MLP for n_shared_experts 0
+        shared = self.dense(a.moe_intermediate_size * a.n_shared_experts) if a.n_shared_experts is not None else None
         return SparseMoE(a.hidden_size, a.moe_intermediate_size, a.n_routed_experts, self.route(), a.hidden_act,
                          shared=shared, shared_name="shared_experts", correction_bias=self.correction_bias)
 
     correction_bias: Optional[str] = "gate.e_score_correction_bias"
+    split_kv = True  # kv_b_proj split per head (embed_q / unembed_out), as mlx-lm reads this family
 
     def weight_rules(self) -> list:
         a = self.args
+        split = [SplitKeyValueHeads("model.layers.{i}.self_attn.", a.num_attention_heads, a.qk_nope_head_dim,
+                                    a.v_head_dim)] if self.split_kv else []
         return super().weight_rules() + [mtp_drop(a.num_hidden_layers)] \
-            + stack_experts("model.layers.{i}.mlp", a.n_routed_experts) \
-            + [SplitKeyValueHeads("model.layers.{i}.self_attn.", a.num_attention_heads, a.qk_nope_head_dim,
-                                  a.v_head_dim)]
+            + stack_experts("model.layers.{i}.mlp", a.n_routed_experts) + split

@@ -9,8 +9,9 @@ MLA compresses keys and values into one latent per token: `kv_a_proj_with_mqa` g
 (B, 1, T, kv_lora_rank)) and the rotated shared key (values slot, (B, 1, T, qk_rope_head_dim)), plus the indexer's
 keys next to the rotary key when the layer has an indexer.
 
-The checkpoint's `kv_b_proj` (heads * (nope + v), kv_lora_rank) is kept split per head as mlx-lm keeps it:
-`embed_q` (heads, kv_lora_rank, nope), W_k transposed, and `unembed_out` (heads, v, kv_lora_rank), W_v. A prompt
+The checkpoint's `kv_b_proj` (heads * (nope + v), kv_lora_rank) is kept the way mlx-lm keeps it for the family:
+split per head (`split_kv`, DeepSeek-V3 onwards) into `embed_q` (heads, kv_lora_rank, nope), W_k transposed, and
+`unembed_out` (heads, v, kv_lora_rank), W_v; or whole (mlx-lm's deepseek_v2), always expanded. A prompt
 expands the latents into keys and values; a single decoded token is "absorbed" instead (its q_nope moved into latent
 space, attention over the latents themselves as one shared KV head, the output moved out by W_v), which computes the
 same scores without expanding the whole cache.
@@ -199,11 +200,12 @@ class LatentAttention(nn.Module):
     """MLA (see the module docstring), with DSA's indexer when `indexer` is given. Called as attention(x, mask,
     cache) like every attention layer; its KVCache holds latents and rotary keys."""
 
-    sensitive_children = ("unembed_out",)  # W_v: its error goes straight into the residual stream through o_proj
+    # W_v (in kv_b_proj when not split): its error goes straight into the residual stream through o_proj
+    sensitive_children = ("unembed_out", "kv_b_proj")
 
     def __init__(self, hidden_size: int, n_heads: int, q_lora_rank: Optional[int], kv_lora_rank: int,
                  qk_nope_head_dim: int, qk_rope_head_dim: int, v_head_dim: int, rope: nn.Module, scale: float,
-                 bias: bool = False, indexer: Optional[Indexer] = None):
+                 bias: bool = False, indexer: Optional[Indexer] = None, split_kv: bool = True):
         super().__init__()
         self.n_heads, self.kv_lora_rank, self.scale = n_heads, kv_lora_rank, scale
         self.nope, self.rope_dims, self.v_dims = qk_nope_head_dim, qk_rope_head_dim, v_head_dim
@@ -216,8 +218,11 @@ class LatentAttention(nn.Module):
             self.q_b_proj = nn.Linear(q_lora_rank, q_dims, bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(hidden_size, kv_lora_rank + qk_rope_head_dim, bias=bias)
         self.kv_a_layernorm = nn.RMSNorm(kv_lora_rank, eps=1e-6)
-        self.embed_q = MultiLinear(qk_nope_head_dim, kv_lora_rank, n_heads)
-        self.unembed_out = MultiLinear(kv_lora_rank, v_head_dim, n_heads)
+        if split_kv:
+            self.embed_q = MultiLinear(qk_nope_head_dim, kv_lora_rank, n_heads)
+            self.unembed_out = MultiLinear(kv_lora_rank, v_head_dim, n_heads)
+        else:
+            self.kv_b_proj = nn.Linear(kv_lora_rank, n_heads * (qk_nope_head_dim + v_head_dim), bias=False)
         self.o_proj = nn.Linear(n_heads * v_head_dim, hidden_size, bias=bias)
         self.rope = rope
         if indexer is not None:
@@ -258,13 +263,21 @@ class LatentAttention(nn.Module):
 
     def attend(self, q_nope, q_rope, latent, k_rope, mask):
         """Attention over the latents: expanded into per-head keys and values for a prompt, absorbed for one
-        token. Returns (B, heads, L, v_head_dim)."""
-        if q_nope.shape[2] == 1:
+        token (split layout only). Returns (B, heads, L, v_head_dim)."""
+        if q_nope.shape[2] == 1 and "embed_q" in self:
             q = mx.concatenate([self.embed_q(q_nope), q_rope], axis=-1)
             k = mx.concatenate([latent, k_rope], axis=-1)  # one KV head shared by every query head
             out = scaled_dot_product_attention(q, k, latent, None, self.scale, mask)
             return self.unembed_out(out)
-        k_nope = self.embed_q(latent, transpose=False)  # (B, heads, T, nope)
+        k_nope, v = self.expand(latent)
         k = mx.concatenate([k_nope, mx.broadcast_to(k_rope, (*k_nope.shape[:3], self.rope_dims))], axis=-1)
         q = mx.concatenate([q_nope, q_rope], axis=-1)
-        return scaled_dot_product_attention(q, k, self.unembed_out(latent), None, self.scale, mask)
+        return scaled_dot_product_attention(q, k, v, None, self.scale, mask)
+
+    def expand(self, latent):
+        """Per-head keys (no position) and values of the latents (B, 1, T, rank): (B, heads, T, nope / v)."""
+        if "embed_q" in self:
+            return self.embed_q(latent, transpose=False), self.unembed_out(latent)
+        B, _, T, _ = latent.shape
+        kv = self.kv_b_proj(latent[:, 0]).reshape(B, T, self.n_heads, -1).transpose(0, 2, 1, 3)
+        return kv[..., : self.nope], kv[..., self.nope :]

@@ -16,7 +16,9 @@ activations' dtype (transformers routes in float32 too):
                  minimax_m2);
   softmax_topk_pnorm      softmax_topk divided by the weights' p-norm, or not at all (dbrx);
   softmax_topk_corrected  softmax probabilities, chosen by probability + correction bias, weighted by the
-                 probabilities renormalised (ERNIE 4.5).
+                 probabilities renormalised (ERNIE 4.5);
+  softmax_group_topk      softmax, the top k within the groups holding the most probable experts, times a routed
+                 scaling factor, not renormalised (DeepSeek-V2).
 
 A router's correction bias (`e_score_correction_bias`) is checkpoint data that only chooses experts: the sparse block
 keeps it where the checkpoint does (`correction_bias`), and the cast leaves it in its stored dtype, as transformers
@@ -101,6 +103,21 @@ def sigmoid_topk(logits: mx.array, k: int, correction_bias: Optional[mx.array] =
     if normalize:
         weights = weights / (weights.sum(axis=-1, keepdims=True) + 1e-20)
     return indices, weights * scaling
+
+
+def softmax_group_topk(logits: mx.array, k: int, scaling: float = 1.0, n_group: int = 1, topk_group: int = 1):
+    """DeepSeek-V2 routing (`greedy`, or `group_limited_greedy` when n_group > 1): softmax over every expert, the k
+    most probable among the `topk_group` groups (of `n_group` equal groups) whose best expert is most probable;
+    weights are those probabilities times `scaling`, never renormalised."""
+    probs = mx.softmax(logits.astype(mx.float32), axis=-1)
+    choice = probs
+    if n_group > 1:
+        grouped = probs.reshape(*probs.shape[:-1], n_group, -1)
+        kept = mx.put_along_axis(mx.zeros(grouped.shape[:-1], mx.bool_), _top_k(grouped.max(axis=-1), topk_group),
+                                 mx.array(True), axis=-1)
+        choice = mx.where(kept[..., None], grouped, 0.0).reshape(probs.shape)
+    indices = _top_k(choice, k)
+    return indices, mx.take_along_axis(probs, indices, axis=-1) * scaling
 
 
 # --- gathered expert layers ---------------------------------------------------------------------------------------
@@ -322,6 +339,18 @@ def is_sparse(index: int, num_experts: int, decoder_sparse_step: int = 1, mlp_on
     if last_sparse is not None and index > last_sparse:
         return False
     return (index + 1) % decoder_sparse_step == 0
+
+
+def mlp_kinds(n_layers: int, mlp_layer_types: Optional[Sequence[str]] = None, first_dense: int = 0) -> list:
+    """"dense" or "sparse" per layer: transformers' `mlp_layer_types` when the config has them, else the first
+    `first_dense` layers dense (DeepSeek's `first_k_dense_replace`) and the rest sparse."""
+    if mlp_layer_types:
+        if len(mlp_layer_types) < n_layers or not set(mlp_layer_types) <= {"dense", "sparse"}:
+            raise ValueError(f"mlp_layer_types must give 'dense' or 'sparse' for each of the {n_layers} layers, got "
+                             f"{list(mlp_layer_types)}")
+        return list(mlp_layer_types[:n_layers])
+    first_dense = min(first_dense or 0, n_layers)
+    return ["dense"] * first_dense + ["sparse"] * (n_layers - first_dense)
 
 
 # --- weights and quantization -------------------------------------------------------------------------------------
