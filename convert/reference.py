@@ -445,9 +445,21 @@ class StreamedForward:
         """(logits, [hidden states after each layer]) as float32 numpy arrays."""
         self.layer_outputs = []
         as_tensor = lambda x: None if x is None else torch.as_tensor(x).to(self.device)  # noqa: E731
-        with true_float32():
+        with true_float32(), self._kept_loaded(self.model.get_input_embeddings()):
             out = self.model(input_ids=as_tensor(input_ids), attention_mask=as_tensor(attention_mask), use_cache=False)
         return out.logits.float().cpu().numpy(), self.layer_outputs
+
+    @contextlib.contextmanager
+    def _kept_loaded(self, module):
+        """`module`'s weights loaded for the whole pass: some models move the input ids to the token embedding's
+        device before calling it (Llama 4), which would be the meta device otherwise."""
+        self._load(module, ())
+        loaded = self._loaded.pop(id(module))
+        try:
+            yield
+        finally:
+            self._loaded[id(module)] = loaded
+            self._release(module, (), None)
 
 
 @contextlib.contextmanager

@@ -20,7 +20,10 @@ for case in CASES:
 MLX_LM_OTHER_FORMAT = {"olmo": "mlx-lm's olmo reads ai2-olmo's layout (d_model, att_proj), not transformers'",
                        # transformers wins where the two disagree
                        "ernie4_5_moe": "mlx-lm drops e_score_correction_bias, which transformers routes with (zeroing "
-                                       "it in our output makes mlx-lm's logits equal ours)"}
+                                       "it in our output makes mlx-lm's logits equal ours)",
+                       "llama4_text": "mlx-lm's llama4_text is another model (dense, no chunked attention, no NoPE "
+                                      "temperature, head named `output`); its llama4 container reads our layout under "
+                                      "`language_model.`"}
 
 
 def mlx_lm_gap(model_type: str):

@@ -6,6 +6,9 @@ always describes exactly the keys that the following `update_and_fetch` returns.
 
 - `KVCache`: keeps every token, preallocating in chunks of `step` tokens.
 - `QuantizedKVCache`: like KVCache, but stores keys/values quantized along head_dim with `mx.quantize`.
+- `ChunkedKVCache`: for chunked attention (Llama 4): a query at position p sees key k iff k <= p and both lie in
+  the same chunk of `chunk_size` tokens (k // chunk_size == p // chunk_size), so the cache keeps only the tokens of
+  the chunk the next token falls in.
 - `StateCache`: the fixed-size state of a recurrent layer (no per-token history, not trimmable).
 - `RotatingKVCache`: keeps at most `max_size` tokens: the first `keep` ("sink") tokens plus the latest
   `max_size - keep` ones. A query at absolute position p therefore sees key k iff
@@ -377,6 +380,90 @@ class RotatingKVCache:
 
     def to_quantized(self, group_size: int = 64, bits: int = 8):
         raise NotImplementedError("RotatingKVCache has no quantized variant; use KVCache.to_quantized instead")
+
+
+def chunked_mask(queries, keys, chunk_size: int):
+    """Whether each query position sees each key position under chunked attention (mx arrays, broadcasting)."""
+    return (keys <= queries) & (keys // chunk_size == queries // chunk_size)
+
+
+class ChunkedKVCache(_OffsetCache):
+    """Cache of a chunked-attention layer: the keys and values from `start`, the first position of the chunk that
+    the next token falls in, up to `offset`. An update returns the keys from the chunk start of its first query on
+    (so a multi-token update may cross chunk boundaries); afterwards the tokens of finished chunks are dropped."""
+
+    def __init__(self, chunk_size: int, step: int = 256):
+        if chunk_size < 1:
+            raise ValueError(f"ChunkedKVCache needs a chunk size of at least 1, got {chunk_size}")
+        super().__init__(step)
+        self.chunk_size = chunk_size
+        self.start = 0  # absolute position of the first stored token
+
+    def _stored(self) -> int:
+        return self.offset - self.start
+
+    def make_mask(self, N: int, window_size: Optional[int] = None):
+        """Mask for the N queries about to be added over the keys [start, offset + N) the update returns."""
+        if window_size is not None and window_size != self.chunk_size:
+            raise ValueError(f"a chunked cache of {self.chunk_size}-token chunks was asked for window {window_size}")
+        if (self.offset + N - 1) // self.chunk_size == self.start // self.chunk_size:  # one chunk: plain causal
+            return None if N == 1 else "causal"
+        queries = mx.arange(self.offset, self.offset + N)[:, None]
+        return chunked_mask(queries, mx.arange(self.start, self.offset + N)[None], self.chunk_size)
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> Tuple[mx.array, mx.array]:
+        N, stored = keys.shape[2], self._stored()
+        if self._needs_growth(N):
+            capacity = self._new_capacity(N)
+            self.keys = _grow(self.keys, stored, capacity, keys)
+            self.values = _grow(self.values, stored, capacity, values)
+        self.keys[..., stored : stored + N, :] = keys
+        self.values[..., stored : stored + N, :] = values
+        fetched = self.keys[..., : stored + N, :], self.values[..., : stored + N, :]
+        self.offset += N
+        finished = self.offset // self.chunk_size * self.chunk_size - self.start
+        if finished > 0:  # the next token starts a new chunk: nothing before it is seen again
+            self.keys, self.values = self.keys[..., finished:, :], self.values[..., finished:, :]
+            self.start += finished
+        return fetched
+
+    def _needs_growth(self, n_new: int) -> bool:
+        return self.keys is None or self._stored() + n_new > self.keys.shape[2]
+
+    def _new_capacity(self, n_new: int) -> int:
+        return _round_up(self._stored() + n_new, self.step)
+
+    def trim(self, n: int) -> int:
+        """Drop the last n tokens; only those of the current chunk can go (the earlier chunks are gone)."""
+        n = max(0, min(self.offset, n))
+        if n > self._stored():
+            raise NotImplementedError(f"ChunkedKVCache keeps only the current chunk ({self._stored()} tokens) and "
+                                      f"cannot trim {n}; rebuild the cache and prefill the shorter prompt")
+        self.offset -= n
+        return n
+
+    @property
+    def state(self) -> Tuple[mx.array, mx.array]:
+        if self.keys is None:
+            return None, None
+        stored = self._stored()
+        return self.keys[..., :stored, :], self.values[..., :stored, :]
+
+    @state.setter
+    def state(self, v: Tuple[mx.array, mx.array]):
+        self.keys, self.values = v
+        self.start, self.offset = 0, 0 if self.keys is None else self.keys.shape[2]
+
+    @property
+    def meta_state(self) -> Tuple[int, int, int]:
+        return self.chunk_size, self.start, self.offset
+
+    @meta_state.setter
+    def meta_state(self, v: Tuple[int, int, int]):
+        self.chunk_size, self.start, self.offset = (int(x) for x in v)
+
+    def to_quantized(self, group_size: int = 64, bits: int = 8):
+        raise NotImplementedError("ChunkedKVCache has no quantized variant")
 
 
 class StateCache:

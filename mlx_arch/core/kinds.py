@@ -5,7 +5,7 @@ hashable, so layers of the same kind share one mask.
 
 - full:      attends over every earlier token; KVCache.
 - sliding:   attends over the last `window` tokens; RotatingKVCache(window).
-- chunked:   attends within fixed chunks of `window` tokens (Llama 4); needs a chunked cache (not yet built).
+- chunked:   attends within fixed chunks of `window` tokens (Llama 4); ChunkedKVCache(window).
 - recurrent: keeps a state instead of keys and values (state-space, convolution, linear attention); the layer
              makes its own cache and takes no mask.
 """
@@ -13,8 +13,10 @@ hashable, so layers of the same kind share one mask.
 from dataclasses import dataclass
 from typing import Optional
 
+import mlx.core as mx
+
 from .base import create_attention_mask
-from .cache import KVCache, RotatingKVCache
+from .cache import ChunkedKVCache, KVCache, RotatingKVCache, chunked_mask
 
 ATTENTION_KINDS = ("full", "sliding", "chunked", "recurrent")
 
@@ -53,6 +55,8 @@ class LayerKind:
             return KVCache()
         if self.name == "sliding":
             return RotatingKVCache(self.window)
+        if self.name == "chunked":
+            return ChunkedKVCache(self.window)
         raise NotImplementedError(f"{self.name} layers make their own cache")
 
     def mask(self, h, cache=None):
@@ -60,8 +64,16 @@ class LayerKind:
         if not self.attends:
             return None
         if self.name == "chunked":
-            raise NotImplementedError("chunked attention masks are not built yet")
+            return self._chunked_mask(h.shape[1], cache)
         return create_attention_mask(h, cache, window_size=self.window)
+
+    def _chunked_mask(self, N: int, cache=None):
+        if cache is not None:
+            return cache.make_mask(N)
+        if N <= self.window:  # one chunk
+            return None if N == 1 else "causal"
+        positions = mx.arange(N)
+        return chunked_mask(positions[:, None], positions[None], self.window)
 
 
 FULL = LayerKind()

@@ -51,6 +51,17 @@ class OffsetRMSNorm(nn.Module):
         return mx.fast.rms_norm(x, 1.0 + self.weight, self.eps)
 
 
+class WeightlessRMSNorm(nn.Module):
+    """RMSNorm without a learned scale: y = x / rms(x) (Llama 4's q/k norm)."""
+
+    def __init__(self, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+
+    def __call__(self, x):
+        return mx.fast.rms_norm(x, None, self.eps)
+
+
 class Attention(nn.Module):
     """Multi-head attention with GQA, optional biases, q/k norms, sliding window and logit soft-capping."""
 

@@ -11,6 +11,7 @@ activations' dtype (transformers routes in float32 too):
   softmax_topk   softmax over all experts, keep the k largest, optionally renormalise them (mixtral always,
                  qwen2_moe / qwen3_moe / olmoe per `norm_topk_prob`);
   topk_softmax   keep the k largest logits, softmax over those (granitemoe);
+  topk_sigmoid   keep the k largest logits, each weighted by its sigmoid (Llama 4);
   sigmoid_topk   sigmoid scores, chosen by score + correction bias within the best groups, weighted by the scores
                  themselves, optionally renormalised, times a routed scaling factor (DeepSeek-V3 style; dots1,
                  minimax_m2);
@@ -83,6 +84,13 @@ def topk_softmax(logits: mx.array, k: int):
     logits = logits.astype(mx.float32)
     indices = _top_k(logits, k)
     return indices, mx.softmax(mx.take_along_axis(logits, indices, axis=-1), axis=-1)
+
+
+def topk_sigmoid(logits: mx.array, k: int):
+    """The k largest logits, each weighted by its own sigmoid."""
+    logits = logits.astype(mx.float32)
+    indices = _top_k(logits, k)
+    return indices, mx.sigmoid(mx.take_along_axis(logits, indices, axis=-1))
 
 
 def sigmoid_topk(logits: mx.array, k: int, correction_bias: Optional[mx.array] = None, scaling: float = 1.0,
@@ -221,14 +229,17 @@ class SwitchGLU(nn.Module):
         return self.down_proj(h, indices, sorted_indices)
 
     def __call__(self, x, indices):
+        """x (..., D), or one input per chosen expert (..., k, D) (Llama 4 scales each expert's input)."""
         indices = mx.stop_gradient(indices)
+        per_slot = x.ndim == indices.ndim + 1
         if indices.size < SORT_FROM:
-            # x as (..., 1, 1, D): its batch axes (..., 1) broadcast against the indices (..., k).
-            return self.experts(mx.expand_dims(x, (-2, -3)), indices).squeeze(-2)
+            # x as (..., 1, 1, D) (or (..., k, 1, D)): its batch axes broadcast against the indices (..., k).
+            return self.experts(mx.expand_dims(x, -2) if per_slot else mx.expand_dims(x, (-2, -3)),
+                                indices).squeeze(-2)
         # One row per (token, slot), ordered by expert; put back in token order afterwards.
         k, flat = indices.shape[-1], indices.reshape(-1)
         order = mx.argsort(flat)
-        rows = x.reshape(-1, 1, x.shape[-1])[order // k]
+        rows = x.reshape(-1, 1, x.shape[-1])[order if per_slot else order // k]
         y = self.experts(rows, flat[order], sorted_indices=True)[mx.argsort(order)]
         return y.reshape(*indices.shape, -1)
 
