@@ -2,6 +2,7 @@
 plan -> pre-flight -> fetch -> load -> build (sanitize + strict load) -> cast / quantize -> save (staging)
 -> validate -> card -> rename into place -> upload."""
 
+import contextlib
 import json
 import shutil
 import time
@@ -12,7 +13,7 @@ from typing import Callable, Optional
 from mlx.utils import tree_flatten
 
 from . import card, checks, quantize as q, save, source, validate
-from .errors import ConvertError
+from .errors import ConvertError, ValidationFailed
 from .plan import GB, ConvertPlan
 
 
@@ -73,15 +74,57 @@ def _run(plan: ConvertPlan, progress, log) -> ConvertResult:
         log(f"ignoring the repo's own code ({src.ignored_code}): {src.config['model_type']} is native to transformers "
             "and mlx-convert; it is neither downloaded nor run")
     folder = source.fetch(plan, src)
-    with save.scratch(plan.mlx_path) as scratch:  # .bin sources are rewritten here to be read lazily
-        converted = convert_weights(plan, src, source_weights(folder, src, progress, scratch), log)
-        key = resume_key(plan, src)
-        with save.staging(plan.mlx_path, plan.overwrite, key) as tmp:
-            result = write_output(plan, src, folder, tmp, converted, progress, log, save.Manifest(tmp, key))
+    result = convert_one(plan, src, folder, progress, log)
     result.seconds = time.time() - start
     if plan.upload_repo:
         result.published = upload(plan, src, log)
     return result
+
+
+def run_variants(plans: list, progress: Optional[Callable] = None, log: Optional[Callable] = None) -> list:
+    """Several outputs of one source (`plan.variant_plans`, --variants): pre-flight and download once, then per
+    variant convert, write and gate, the gate's source-only parts (the float original's pass, the shadow model, the
+    held-out reference) computed once. Publishes only when every variant passed; a rejected variant is kept aside
+    as `<path>.rejected` and named, the others stay in place."""
+    log = log or (lambda message: None)
+    for plan in plans:
+        save.check_target(plan.mlx_path, plan.overwrite)
+    with contextlib.ExitStack() as held:
+        for plan in plans:
+            held.enter_context(save.locked(plan.mlx_path))
+        src = source.preflight(plans[0])
+        for plan in plans:
+            preflight_checks(plan, src)
+        log(f"pre-flight: {src.config['model_type']} from {src.repo_id or src.folder}, "
+            f"{len(plans)} variants: {', '.join(p.variant_name for p in plans)}")
+        folder = source.fetch(plans[0], src)
+        results, rejected = [], []
+        with validate.sharing():
+            for plan in plans:
+                start = time.time()
+                log(f"variant {plan.variant_name} -> {plan.mlx_path}")
+                try:
+                    results.append(convert_one(plan, src, folder, progress, log))
+                except ValidationFailed as e:
+                    rejected.append(f"{plan.variant_name}: {e}")
+                    continue
+                results[-1].seconds = time.time() - start
+        if rejected:
+            raise ConvertError(f"{len(rejected)} of {len(plans)} variants failed validation, nothing was published "
+                               f"(the others are in place): {' | '.join(rejected)}")
+        for plan, result in zip(plans, results):
+            if plan.upload_repo:
+                result.published = upload(plan, src, log)
+    return results
+
+
+def convert_one(plan: ConvertPlan, src, folder: Path, progress, log) -> ConvertResult:
+    """Read, convert, write and gate one output of a fetched source (resumable: see `resume_key`)."""
+    with save.scratch(plan.mlx_path) as scratch:  # .bin sources are rewritten here to be read lazily
+        converted = convert_weights(plan, src, source_weights(folder, src, progress, scratch), log)
+        key = resume_key(plan, src)
+        with save.staging(plan.mlx_path, plan.overwrite, key) as tmp:
+            return write_output(plan, src, folder, tmp, converted, progress, log, save.Manifest(tmp, key))
 
 
 def preflight_checks(plan: ConvertPlan, src):
@@ -221,7 +264,7 @@ def gate(plan: ConvertPlan, source_folder: Path, out: Path, progress, log) -> Op
         rejected = plan.mlx_path.absolute().with_name(plan.mlx_path.name + ".rejected")
         shutil.rmtree(rejected, ignore_errors=True)
         shutil.copytree(out, rejected)
-        raise ConvertError(f"validation failed: {'; '.join(report.failures)}; nothing was published; the output "
+        raise ValidationFailed(f"validation failed: {'; '.join(report.failures)}; nothing was published; the output "
                            f"is kept for inspection in {rejected}")
     return report
 

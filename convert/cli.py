@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from .errors import ConvertError
-from .plan import DTYPES, FP_MODES, GB, Q_METHODS, RECIPES, ConvertPlan
+from .plan import DTYPES, FP_MODES, GB, Q_METHODS, RECIPES, ConvertPlan, variant_plans
 
 
 class ByteSize(click.ParamType):
@@ -70,6 +70,11 @@ class ConvertCommand(click.Command):
 @click.option("--dtype", type=click.Choice(DTYPES), help="Float dtype of unquantized weights (default: the "
               "checkpoint's `torch_dtype`/`dtype`).")
 @click.option("-d", "--dequantize", is_flag=True, help="Turn an MLX-quantized model back into floats.")
+@click.option("--variants", help="Several outputs from one read of the source, e.g. bf16,8,6,4 (float dtypes bf16/"
+              "fp16/fp32, bit widths, mixed_A_B recipes, mxfp4/nvfp4/mxfp8), each written and validated; the gate's "
+              "source-only parts run once. Folders: <--mlx-path>-<variant> (default ./<Model>-mlx-4bit, -mlx-bf16, "
+              "...). Repos: <--upload-repo>-<variant>, or --upload-repo with {variant} replaced (me/Model-{variant}"
+              "-mlx). Published only when every variant passes. Replaces -q, --q-bits, --q-mode, --quant-recipe.")
 @click.option("--upload-repo", help="Publish the validated output to this Hub repo (me/Model-4bit).")
 @click.option("--private", is_flag=True, help="Create the uploaded repo as private.")
 @click.option("--dry-run", is_flag=True, help="Convert and validate, then show what would be published.")
@@ -90,6 +95,7 @@ def cli(**flags):
       mlx-convert --hf-path org/Model -q
       mlx-convert --hf-path ./my-checkpoint --quant-recipe mixed_4_6 --mlx-path out
       mlx-convert --hf-path org/Model -q --upload-repo me/Model-4bit
+      mlx-convert --hf-path org/Model --variants bf16,8,4 --upload-repo me/Model
 
     Add --verbose to any command to see the full traceback behind an error.
 
@@ -101,9 +107,17 @@ def cli(**flags):
     """
     from tqdm import tqdm
 
-    from .api import publish_existing, run, validate_existing
+    from .api import publish_existing, run, run_variants, validate_existing
 
     progress = lambda it, **kw: tqdm(it, **kw)  # noqa: E731
+    variants = flags.pop("variants")
+    if variants:
+        if flags["validate_only"]:
+            raise click.UsageError("--validate-only checks one folder: drop --variants")
+        flags.pop("validate_only")
+        for result in run_variants(variant_plans(flags, variants), progress=progress, log=_stderr):
+            click.echo(summary(result))
+        return
 
     if flags.pop("validate_only"):
         if not flags["mlx_path"]:

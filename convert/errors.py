@@ -4,3 +4,7 @@ what to do; the CLI prints it without a traceback."""
 
 class ConvertError(Exception):
     pass
+
+
+class ValidationFailed(ConvertError):
+    """The gate rejected an output (kept aside as `<path>.rejected`)."""

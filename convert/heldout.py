@@ -128,11 +128,13 @@ def mlx_logits(folder, ids: np.ndarray, on_layer: Optional[Callable] = None) -> 
     return np.array(model.head(h))
 
 
-def reference_logits(source, ids: np.ndarray, mask: np.ndarray, on_layer: Optional[Callable] = None) -> np.ndarray:
-    """Logits of the float original: the transformers model of the source checkpoint in float32, streamed."""
+def reference_logits(source, ids: np.ndarray, mask: np.ndarray, on_layer: Optional[Callable] = None,
+                     blocks: bool = False) -> np.ndarray:
+    """Logits of the float original: the transformers model of the source checkpoint in float32, streamed (`blocks`:
+    the model's `reference_reads_children` hook, as in the gate's reference pass)."""
     from .reference import CheckpointReader, StreamedForward, build_reference
 
-    reference = StreamedForward(build_reference(source), CheckpointReader(source))
+    reference = StreamedForward(build_reference(source), CheckpointReader(source), blocks=blocks)
     reference.on_layer = on_layer or (lambda index: None)
     return reference(ids, mask)[0]
 
@@ -149,16 +151,18 @@ def measure(source, output, tokenizer=None, max_tokens: Optional[int] = GATE_TOK
     import mlx_arch
     from mlx_arch.core.base import text_config
 
-    from .validate import layer_ticker
+    from .validate import digest, layer_ticker, once
 
     config = json.loads((Path(output) / "config.json").read_text())
     tokenizer = tokenizer or AutoTokenizer.from_pretrained(str(source))
     vocab_size = text_config(config)["vocab_size"]
-    n_layers = len(mlx_arch.build_model(config).layers)  # parameters stay lazy: no memory
+    model = mlx_arch.build_model(config)  # parameters stay lazy: no memory
+    n_layers, blocks = len(model.layers), getattr(model, "reference_reads_children", False)
     stats = []
     for ids, mask in passes(rows(tokenizer, vocab_size, max_tokens), vocab_size):
         ours = mlx_logits(output, ids, layer_ticker(progress, n_layers, "held-out: mlx"))
-        ref = reference_logits(source, ids, mask, layer_ticker(progress, n_layers, "held-out: transformers"))
+        ref = once(("held-out", str(source), digest(ids, mask)), lambda: reference_logits(
+            source, ids, mask, layer_ticker(progress, n_layers, "held-out: transformers"), blocks))
         stats.append(token_stats(ours, ref, ids, mask))
         del ours, ref
     return summarize(stats)

@@ -1,5 +1,6 @@
 """The typed, frozen description of one conversion: every option validated before any work starts."""
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -58,15 +59,19 @@ class ConvertPlan:
         """`./<Model>-mlx`, or with the variant: `<Model>-mlx-4bit`, `-mlx-mxfp4`, `-mlx-mixed_4_6`, `-mlx-bf16`."""
         source = Path(self.hf_path)
         name = (source.resolve() if source.is_dir() else source).name or "model"
-        if self.quant_recipe:
-            variant = self.quant_recipe
-        elif self.quantize:
-            variant = f"{self.q_bits}bit" if self.q_mode == "affine" else self.q_mode
-        elif self.dequantize:
-            variant = "dequantized"
-        else:
-            variant = SHORT_DTYPES.get(self.dtype)
+        variant = self.variant_name
         return Path(f"{name}-mlx-{variant}" if variant else f"{name}-mlx")
+
+    @property
+    def variant_name(self) -> Optional[str]:
+        """`4bit`, `mxfp4`, `mixed_4_6`, `dequantized`, `bf16`, ...; None for a float output of the source's dtype."""
+        if self.quant_recipe:
+            return self.quant_recipe
+        if self.quantize:
+            return f"{self.q_bits}bit" if self.q_mode == "affine" else self.q_mode
+        if self.dequantize:
+            return "dequantized"
+        return SHORT_DTYPES.get(self.dtype)
 
     def _quant_defaults(self):
         if self.q_mode in FP_MODES:
@@ -148,3 +153,53 @@ class ConvertPlan:
         if self.quantize:
             return self.quant_recipe or f"{self.q_mode} {self.q_bits}-bit, group size {self.q_group_size}"
         return "dequantized" if self.dequantize else "float"
+
+
+# What --variants replaces (each variant says it); the other options apply to every variant where they mean something.
+VARIANT_OWNED = ("quantize", "q_bits", "q_mode", "quant_recipe", "dequantize")
+
+
+def variant_plans(flags: dict, specs: str) -> list:
+    """One plan per entry of `specs` (--variants, e.g. "bf16,8,6,4"): a float dtype (bf16, fp16, fp32), a bit width
+    (affine, --q-group-size or 64), a mixed recipe (mixed_4_6) or a block format (mxfp4, nvfp4, mxfp8). Outputs go to
+    `<--mlx-path>-<variant>` (default `./<Model>-mlx-<variant>`) and publish to `<--upload-repo>-<variant>`, or to
+    --upload-repo with `{variant}` replaced where it holds that placeholder."""
+    names = [s.strip() for s in specs.split(",") if s.strip()]
+    if not names:
+        raise ConvertError("--variants is empty: give a comma-separated list such as bf16,8,6,4")
+    if len(set(names)) != len(names):
+        raise ConvertError(f"--variants lists a variant twice: {specs}")
+    given = [k for k in VARIANT_OWNED if flags.get(k) not in (None, False, "affine")]
+    if given:
+        flags_given = ", ".join("--" + k.replace("_", "-") for k in given)
+        raise ConvertError(f"--variants sets each variant's quantization: drop {flags_given}")
+    plans = [_variant(flags, name) for name in names]
+    outputs = [p.mlx_path.absolute() for p in plans]
+    if len(set(outputs)) != len(outputs):
+        raise ConvertError("two variants would write the same folder: list each variant once")
+    return plans
+
+
+def _variant(flags: dict, name: str) -> ConvertPlan:
+    dtypes = {**{v: k for k, v in SHORT_DTYPES.items()}, **{d: d for d in DTYPES}}
+    quantized = dict(quantize=True, dtype=flags.get("dtype"))
+    if name in dtypes:
+        options = dict(dtype=dtypes[name], q_group_size=None, q_method=None, calibration_file=None)
+    elif name.isdigit():
+        options = dict(quantized, q_bits=int(name))
+        if int(name) >= 8 and not flags.get("q_method"):
+            options["calibration_file"] = None  # rounded to nearest by default: nothing to calibrate
+    elif name in RECIPES:
+        options = dict(quantized, quant_recipe=name)
+    elif name in FP_MODES:
+        options = dict(quantized, q_mode=name, q_group_size=None, q_method=None, calibration_file=None)
+    else:
+        raise ConvertError(f"--variants: {name!r} is not a variant; use float dtypes "
+                           f"({', '.join(SHORT_DTYPES.values())}), bit widths ({', '.join(map(str, AFFINE_BITS))}), "
+                           f"recipes ({', '.join(RECIPES)}) or block formats ({', '.join(FP_MODES)})")
+    plan = ConvertPlan(**{**flags, **options, "mlx_path": None, "upload_repo": None})
+    base, repo = flags.get("mlx_path"), flags.get("upload_repo")
+    target = Path(f"{base}-{plan.variant_name}") if base else plan.default_output()
+    if repo:
+        repo = repo.replace("{variant}", plan.variant_name) if "{variant}" in repo else f"{repo}-{plan.variant_name}"
+    return dataclasses.replace(plan, mlx_path=target, upload_repo=repo)

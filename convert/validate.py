@@ -269,6 +269,36 @@ def layer_ticker(progress, n_layers: int, desc: str) -> Callable:
     return lambda *args: next(bar, None)
 
 
+_shared: Optional[dict] = None  # results of source-only parts, while `sharing()` is on
+
+
+@contextlib.contextmanager
+def sharing():
+    """Within this block, gates on several outputs of one source (`--variants`) compute the parts that depend on
+    the source alone once: the float original's pass, the shadow model, the held-out text's reference logits."""
+    global _shared
+    previous, _shared = _shared, {}
+    try:
+        yield
+    finally:
+        _shared = previous
+
+
+def once(key: tuple, compute: Callable):
+    """`compute()`, or its earlier result for `key` inside `sharing()`."""
+    if _shared is None:
+        return compute()
+    if key not in _shared:
+        _shared[key] = compute()
+    return _shared[key]
+
+
+def digest(*arrays) -> str:
+    import hashlib
+
+    return hashlib.sha256(b"".join(np.ascontiguousarray(a).tobytes() for a in arrays)).hexdigest()
+
+
 def validate(source, output, progress: Optional[Callable] = None) -> Report:
     """Validate the converted folder `output` against the source checkpoint folder `source`.
 
@@ -310,15 +340,17 @@ def _validate(source, output, progress, gate) -> Report:
         if report.weights["worst_rel_error"] == 0.0:  # the output holds the source's own values: one pass serves
             original = exact
         else:
-            original = reference_pass(source, source_reader, ids, mask,
-                                      layer_ticker(progress, n_layers, "validate: transformers, float original"),
-                                      blocks)
+            original = once(("original", str(source), digest(ids, mask)), lambda: reference_pass(
+                source, source_reader, ids, mask,
+                layer_ticker(progress, n_layers, "validate: transformers, float original"), blocks))
     float16 = source_dtype(config) == "float16"
     with stage(report, "mlx"):
         out = layerwise.run(model, ids, mask, on_layer=layer_ticker(progress, n_layers, "validate: mlx"),
                             low_precision=mx.float16 if float16 else None)
     with stage(report, "shadow long-range"):
-        shadow_report = shadow.check_folders(source, output)
+        architecture = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
+        shadow_report = once(("shadow", str(source), json.dumps(architecture, sort_keys=True, default=str)),
+                             lambda: shadow.check_folders(source, output))
     if config.get("quantization"):
         with stage(report, "held-out text"):
             report.heldout = heldout.measure(source, output, tokenizer, progress=progress)
