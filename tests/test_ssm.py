@@ -1,0 +1,99 @@
+"""State-space layers (core/ssm.py): the chunked prefill forms against transformers' torch paths and against their
+own single-token recurrent forms, and whole models carrying their state from a prefill through decoded tokens."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+
+from mlx_arch.core.cache import make_prompt_cache
+from mlx_arch.core.ssm import selective_scan, selective_step, ssd_chunked, ssd_step
+from model_test_runner import CASES, build_case, probe_tokens, rel_error
+
+RNG = np.random.default_rng(0)
+
+
+def _randn(*shape, scale=1.0):
+    return (scale * RNG.standard_normal(shape)).astype(np.float32)
+
+
+def _mamba_inputs(b=2, L=150, d=6, n=4):
+    x, B, C = _randn(b, L, d), _randn(b, L, n), _randn(b, L, n)
+    dt = np.log1p(np.exp(_randn(b, L, d)))  # softplus: positive
+    A = -np.exp(_randn(d, n, scale=0.5))
+    return x, dt, A, B, C
+
+
+def test_selective_scan_matches_transformers_sequential_loop():
+    from transformers.models.mamba.modeling_mamba import mamba_selective_scan
+
+    x, dt, A, B, C = _mamba_inputs()
+    t = lambda a: torch.tensor(a)  # noqa: E731
+    expected, last = mamba_selective_scan(t(x).transpose(1, 2), t(dt).transpose(1, 2), t(A), t(B).transpose(1, 2),
+                                          t(C).transpose(1, 2), return_last_state=True)
+    y, state = selective_scan(*(mx.array(a) for a in (x, dt, A, B, C)), chunk=16)  # 150 tokens: 10 chunks
+    assert rel_error(np.array(y), expected.transpose(1, 2).numpy()) < 1e-5
+    assert rel_error(np.array(state), last.numpy()) < 1e-5
+
+
+def test_selective_scan_prefill_then_steps_equal_one_scan():
+    x, dt, A, B, C = (mx.array(a) for a in _mamba_inputs(L=40))
+    full, _ = selective_scan(x, dt, A, B, C, chunk=8)
+    ys, state = selective_scan(x[:, :30], dt[:, :30], A, B[:, :30], C[:, :30], chunk=8)
+    parts = [ys]
+    for i in range(30, 40):
+        y, state = selective_step(x[:, i : i + 1], dt[:, i : i + 1], A, B[:, i : i + 1], C[:, i : i + 1], state)
+        parts.append(y)
+    assert rel_error(np.array(mx.concatenate(parts, axis=1)), np.array(full)) < 1e-5
+
+
+def _ssd_inputs(b=2, L=37, h=4, p=3, g=2, n=5):
+    x, B, C = _randn(b, L, h, p), _randn(b, L, g, n), _randn(b, L, g, n)
+    dt = np.log1p(np.exp(_randn(b, L, h)))
+    A = -np.exp(_randn(h, scale=0.5))
+    return x, dt, A, B, C
+
+
+def test_ssd_chunked_matches_transformers_chunk_scan_with_a_starting_state():
+    from transformers.models.mamba2.modeling_mamba2 import mamba2_chunk_scan
+
+    x, dt, A, B, C = _ssd_inputs()
+    state = _randn(2, 4, 3, 5)
+    expected, last = mamba2_chunk_scan(*(torch.tensor(a) for a in (x, dt, A, B, C)), chunk_size=8,
+                                       initial_states=torch.tensor(state), return_final_states=True)
+    y, ours = ssd_chunked(*(mx.array(a) for a in (x, dt, A, B, C)), chunk_size=8, state=mx.array(state))
+    assert rel_error(np.array(y), expected.numpy()) < 1e-5
+    assert rel_error(np.array(ours), last.numpy()) < 1e-5
+
+
+def test_ssd_chunked_and_recurrent_forms_agree():
+    """The chunked form (chunk 6 < 37 tokens, two groups of heads) and the token-by-token recurrent form."""
+    x, dt, A, B, C = (mx.array(a) for a in _ssd_inputs())
+    chunked, last = ssd_chunked(x, dt, A, B, C, chunk_size=6)
+    state, steps = None, []
+    for i in range(x.shape[1]):
+        y, state = ssd_step(x[:, i : i + 1], dt[:, i : i + 1], A, B[:, i : i + 1], C[:, i : i + 1], state)
+        steps.append(y)
+    assert rel_error(np.array(mx.concatenate(steps, axis=1)), np.array(chunked)) < 1e-5
+    assert rel_error(np.array(state), np.array(last)) < 1e-5
+
+
+SSM_TYPES = ("mamba", "falcon_mamba", "mamba2", "bamba", "nemotron_h", "granitemoehybrid", "falcon_h1", "jamba",
+             "zamba2")
+FIRST = {}
+for _case in CASES:
+    if _case["model_type"] in SSM_TYPES:
+        FIRST.setdefault(_case["model_type"], _case)
+
+
+@pytest.mark.parametrize("model_type", sorted(FIRST))
+def test_state_carried_from_a_prefill_through_decoded_tokens(tmp_path, model_type):
+    """A 30-token prefill, then 10 single tokens through the same caches, equals one forward pass over 40 tokens."""
+    _, model, config, _ = build_case(tmp_path, FIRST[model_type], "v5")
+    tokens = probe_tokens(config["vocab_size"], 40, batch=2, seed=3)
+    full = model(mx.array(tokens))
+    cache = make_prompt_cache(model)
+    parts = [model(mx.array(tokens[:, :30]), cache=cache)]
+    parts += [model(mx.array(tokens[:, i : i + 1]), cache=cache) for i in range(30, 40)]
+    assert rel_error(np.array(mx.concatenate(parts, axis=1)), np.array(full)) < 1e-4
+    assert not any(c.is_trimmable() for c in cache if not hasattr(c, "offset"))
