@@ -1,10 +1,11 @@
 """Benchmark: mlx-convert against mlx_lm.convert on the same synthetic checkpoint, side by side in one run.
 
-    python scripts/bench_convert.py [--shape tinyllama|small] [--workdir /tmp/bench]
+    python scripts/bench_convert.py [--shape tinyllama|small] [--workdir /tmp/bench] [--cases 0 1 ...]
 
 Builds a random bf16 Llama checkpoint of the given shape (TinyLlama-1.1B by default, 2.2 GB), then times each
 command in a fresh process (page cache warm: the checkpoint is read once before timing) and reports wall time and
-peak resident memory of the child. mlx-convert runs with --skip-validation so both do the same work.
+peak resident memory of the child: convert only (--skip-validation, round to nearest: the same work as mlx-lm),
+convert + gate (rtn, and the default gptq), and four variants with their gates from one run.
 """
 
 import argparse
@@ -89,35 +90,56 @@ def measured(command: list, log=None) -> tuple:
     return float(out[0]), int(out[1]) / 1024
 
 
+CASES = {  # name: (mlx-convert flags, mlx_lm.convert flags or None)
+    "float (bf16 copy), convert only": (["--skip-validation"], []),
+    "4-bit rtn, convert only": (["-q", "--q-method", "rtn", "--skip-validation"], ["-q"]),
+    "8-bit, convert only": (["-q", "--q-bits", "8", "--skip-validation"], ["-q", "--q-bits", "8"]),
+    "4-bit rtn + gate": (["-q", "--q-method", "rtn"], ["-q"]),
+    "4-bit default (gptq) + gate": (["-q"], ["-q"]),
+    "variants bf16,8,6,4 (rtn) + gates": (["--variants", "bf16,8,6,4", "--q-method", "rtn"], None),
+}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="tinyllama")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/mlx-convert-bench"))
+    parser.add_argument("--cases", nargs="+", choices=range(len(CASES)), type=int, default=list(range(len(CASES))),
+                        help=" ".join(f"{i}: {name};" for i, name in enumerate(CASES)))
     args = parser.parse_args()
     src = args.workdir / f"src-{args.shape}"
     build_checkpoint(src, SHAPES[args.shape])
     for f in src.glob("*.safetensors"):
         f.read_bytes()  # warm the page cache so both tools read from memory
-    cases = {
-        "float (bf16 copy)": ([], []),
-        "4-bit": (["-q"], ["-q"]),
-        "8-bit": (["-q", "--q-bits", "8"], ["-q", "--q-bits", "8"]),
-    }
     rows = []
-    for name, (ours_flags, theirs_flags) in cases.items():
+    for name in [list(CASES)[i] for i in args.cases]:
+        ours_flags, theirs_flags = CASES[name]
+        for old in args.workdir.glob("out-*"):
+            shutil.rmtree(old, ignore_errors=True)
         out_a, out_b = args.workdir / "out-mlx-convert", args.workdir / "out-mlx-lm"
-        shutil.rmtree(out_a, ignore_errors=True)
-        shutil.rmtree(out_b, ignore_errors=True)
-        ours = measured(["mlx-convert", "--hf-path", str(src), "--mlx-path", str(out_a), "--skip-validation",
-                         *ours_flags])
-        theirs = measured([sys.executable, "-m", "mlx_lm", "convert", "--hf-path", str(src), "--mlx-path",
-                           str(out_b), *theirs_flags])
+        ours = measured(["mlx-convert", "--hf-path", str(src), "--mlx-path", str(out_a), *ours_flags],
+                        log=args.workdir / f"log-{len(rows)}.txt")
+        theirs = None
+        if theirs_flags is not None:
+            theirs = measured([sys.executable, "-m", "mlx_lm", "convert", "--hf-path", str(src), "--mlx-path",
+                               str(out_b), *theirs_flags])
         rows.append((name, ours, theirs))
-    print(f"\nshape {args.shape}; wall seconds and peak RSS (MB) per command\n")
-    print("| case | mlx-convert s | mlx_lm.convert s | speed-up | mlx-convert MB | mlx_lm MB | memory ratio |")
+        print(name, ours, theirs, flush=True)
+    print(f"\nshape {args.shape}; wall seconds and peak RSS (MB) per command (mlx_lm.convert: same bits, "
+          "round to nearest, no gate)\n")
+    print("| case | mlx-convert s | mlx_lm.convert s | time ratio (ours / mlx-lm) | mlx-convert MB | mlx_lm MB | "
+          "memory ratio |")
     print("|---|---|---|---|---|---|---|")
-    for name, (ts, tm), (os_, om) in rows:
-        print(f"| {name} | {ts:.1f} | {os_:.1f} | {os_ / ts:.2f}x | {tm:,.0f} | {om:,.0f} | {tm / om:.2f} |")
+    for name, (ts, tm), theirs in rows:
+        if theirs is None:
+            print(f"| {name} | {ts:.1f} | - | - | {tm:,.0f} | - | - |")
+            continue
+        os_, om = theirs
+        print(f"| {name} | {ts:.1f} | {os_:.1f} | {ts / os_:.2f}x | {tm:,.0f} | {om:,.0f} | {tm / om:.2f} |")
+    by_name = {name: ours for name, ours, _ in rows}
+    one, four = by_name.get("4-bit rtn + gate"), by_name.get("variants bf16,8,6,4 (rtn) + gates")
+    if one and four:
+        print(f"\nfour variants with their gates / one 4-bit variant with its gate: {four[0] / one[0]:.2f}x")
 
 
 if __name__ == "__main__":
