@@ -184,3 +184,51 @@ def gated_delta(q, k, v, g, beta, cache: Optional[StateCache] = None, slot: int 
     if cache is not None:
         cache[slot] = state
     return out
+
+
+# --- decayed linear attention (lightning attention) ---------------------------------------------------------------
+
+
+def decayed_linear_chunked(q, k, v, g, state=None, chunk: int = CHUNK):
+    """Linear attention with a per-token, per-head log decay g (B, L, H): S_t = exp(g_t) S_{t-1} + k_t^T v_t,
+    out_t = q_t S_t (MiniMax's lightning attention, g = -slope), chunk by chunk. Returns (out float32, state)."""
+    B, L, H, Dk = k.shape
+    f32 = lambda x: x.astype(mx.float32)  # noqa: E731
+    q, k, v = (_chunks(f32(x).transpose(0, 2, 1, 3), chunk) for x in (q, k, v))  # (B, H, n, C, D)
+    cum = mx.cumsum(_chunks(f32(g).transpose(0, 2, 1), chunk), axis=3)[..., None]  # (B, H, n, C, 1)
+    causal = mx.tril(mx.ones((chunk, chunk), dtype=mx.bool_))
+    pair = mx.exp(mx.where(causal, cum - cum.swapaxes(-1, -2), -mx.inf))
+    inner = (q @ k.swapaxes(-1, -2)) * pair @ v  # within the chunk
+    q_read, last = q * mx.exp(cum), cum[..., -1:, :]
+    k_write = k * mx.exp(last - cum)
+    S = mx.zeros((B, H, Dk, v.shape[-1]), mx.float32) if state is None else f32(state)
+    out = []
+    for i in range(q.shape[2]):
+        out.append(q_read[:, :, i] @ S + inner[:, :, i])
+        S = S * mx.exp(last[:, :, i]) + k_write[:, :, i].swapaxes(-1, -2) @ v[:, :, i]
+    return mx.concatenate(out, axis=2)[:, :, :L].transpose(0, 2, 1, 3), S
+
+
+def decayed_linear_step(q, k, v, g, state=None):
+    """The same recurrence one token at a time (the decoding form)."""
+    B, L, H, Dk = k.shape
+    f32 = lambda x: x.astype(mx.float32)  # noqa: E731
+    S = mx.zeros((B, H, Dk, v.shape[-1]), mx.float32) if state is None else f32(state)
+    out = []
+    for t in range(L):
+        S = S * mx.exp(f32(g[:, t]))[..., None, None] + f32(k[:, t])[..., None] * f32(v[:, t])[..., None, :]
+        out.append((f32(q[:, t])[..., None] * S).sum(-2))
+    return mx.stack(out, axis=1), S
+
+
+def decayed_linear(q, k, v, g, cache: Optional[StateCache] = None, slot: int = 0, chunk: int = CHUNK):
+    """Decayed linear attention with its state in `cache[slot]`: the step for one token after a prefill, else
+    chunked."""
+    state = cache[slot] if cache is not None else None
+    if q.shape[1] == 1 and state is not None:
+        out, state = decayed_linear_step(q, k, v, g, state)
+    else:
+        out, state = decayed_linear_chunked(q, k, v, g, state, chunk)
+    if cache is not None:
+        cache[slot] = state
+    return out
