@@ -12,7 +12,7 @@ from functools import cached_property
 from typing import Optional
 
 from . import gemma2
-from .core.base import rope_config, rope_scaling
+from .core.base import sliding_rope
 from .core.kinds import LayerKind
 from .core.layers import Attention, OffsetRMSNorm, make_rope, sliding_period
 
@@ -31,11 +31,7 @@ class ModelArgs(gemma2.ModelArgs):
     @classmethod
     def from_dict(cls, config: dict) -> "ModelArgs":
         args = super().from_dict(config)
-        params = config.get("rope_parameters")
-        if params and isinstance(params.get("sliding_attention"), dict):
-            local = rope_config(config, "sliding_attention")
-            args.rope_local_base_freq = local.get("rope_theta", cls.rope_local_base_freq)
-            args.rope_local_scaling = rope_scaling(local)
+        args.rope_local_base_freq, args.rope_local_scaling = sliding_rope(config, args.rope_local_base_freq)
         return args
 
     def __post_init__(self):

@@ -18,6 +18,9 @@ for case in CASES:
 # mlx-lm model types whose module reads another checkpoint format than transformers' (importing mlx-lm's olmo exits
 # the process when ai2-olmo is missing).
 MLX_LM_OTHER_FORMAT = {"olmo": "mlx-lm's olmo reads ai2-olmo's layout (d_model, att_proj), not transformers'",
+                       "nanochat": "mlx-lm's nanochat reads the original nanochat layout (transformer.h.{i}.attn.c_q), "
+                                   "not transformers'",
+                       "glm": "mlx-lm's glm rotates the whole head; transformers' only partial_rotary_factor of it",
                        # transformers wins where the two disagree
                        "ernie4_5_moe": "mlx-lm drops e_score_correction_bias, which transformers routes with (zeroing "
                                        "it in our output makes mlx-lm's logits equal ours)",

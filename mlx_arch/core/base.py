@@ -49,6 +49,16 @@ def rope_scaling(params: dict) -> Optional[dict]:
     return scaling
 
 
+def sliding_rope(config: dict, default_theta: float) -> tuple:
+    """(base, scaling) of the sliding-window layers' own RoPE where a transformers-5 config nests RoPE per layer type
+    (`rope_parameters["sliding_attention"]`), else (default_theta, None)."""
+    params = config.get("rope_parameters")
+    if not (params and isinstance(params.get("sliding_attention"), dict)):
+        return default_theta, None
+    local = rope_config(config, "sliding_attention")
+    return local.get("rope_theta", default_theta), rope_scaling(local)
+
+
 # Top-level keys of a multimodal container that describe the container, never its text model.
 _CONTAINER_ONLY = ("architectures", "auto_map", "model_type", "text_config")
 
