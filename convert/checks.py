@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 import mlx_arch
+from mlx_arch.core import fp8
 from mlx_arch.core.base import source_dtype, text_config
 
 from .errors import ConvertError
@@ -61,9 +62,10 @@ def check_tokenizer_files(files: list, plan: ConvertPlan):
 
 
 def estimated_output_bytes(config: dict, weight_bytes: int, plan: ConvertPlan, dtype: str) -> int:
-    """The output's size from the source's: parameters (source bytes / bytes per source parameter) times the
-    bytes per output parameter (packed bits plus a float16 scale and bias per group when quantized)."""
-    params = weight_bytes / BYTES.get(source_dtype(config) or "float16", 2)
+    """The output's size from the source's: parameters (source bytes / bytes per source parameter, one for FP8
+    sources) times the bytes per output parameter (packed bits plus a float16 scale and bias per group when
+    quantized)."""
+    params = weight_bytes / (1 if fp8.is_source(config) else BYTES.get(source_dtype(config) or "float16", 2))
     if plan.quantize:
         per_param = plan.q_bits / 8 + 4 / plan.q_group_size
     else:

@@ -4,6 +4,7 @@ as lazily, so that a `.bin` source does not have to fit in memory either. Files 
 they are trusted."""
 
 import functools
+import json
 from pathlib import Path
 from typing import Optional
 
@@ -14,7 +15,7 @@ from .errors import ConvertError
 
 TORCH_TO_SAFETENSORS = {
     "bool": "BOOL", "uint8": "U8", "int8": "I8", "int16": "I16", "int32": "I32", "int64": "I64",
-    "float16": "F16", "bfloat16": "BF16", "float32": "F32", "float64": "F64",
+    "float16": "F16", "bfloat16": "BF16", "float32": "F32", "float64": "F64", "float8_e4m3fn": "F8_E4M3",
 }
 
 
@@ -60,7 +61,7 @@ def spill_bin(path: Path, scratch: Path) -> Path:
 def load_weights(folder: Path, files: list, progress=None, scratch: Optional[Path] = None) -> dict:
     """{name: lazy array} across every weight file; `progress` wraps the file list (e.g. tqdm). `.bin` files are
     first rewritten into `scratch`, which must then live until the arrays are evaluated."""
-    weights = {}
+    weights, stored = {}, {}
     for name in progress(files) if progress else files:
         path = Path(folder) / name
         if not path.is_file():
@@ -79,4 +80,22 @@ def load_weights(folder: Path, files: list, progress=None, scratch: Optional[Pat
         if duplicate:
             raise ConvertError(f"{name} repeats tensors found in another file, e.g. {sorted(duplicate)[0]}")
         weights.update(part)
-    return weights
+        stored.update(safetensors_file.dtypes(path))
+    return fp8_dequantized(folder, weights, stored)
+
+
+def fp8_dequantized(folder: Path, weights: dict, stored: dict) -> dict:
+    """The weights of an FP8 block-scaled checkpoint (config `quant_method: fp8`) as floats, each computed from its
+    codes and block scales when it is evaluated (mlx_arch/core/fp8.py); other checkpoints' weights unchanged.
+    `stored`: {name: safetensors dtype} of every tensor."""
+    from mlx_arch.core import fp8
+
+    config_file = Path(folder) / "config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    if not fp8.is_source(config):
+        return weights
+    codes = {name for name, dtype in stored.items() if dtype == fp8.STORED}
+    try:
+        return fp8.DequantizeFP8(fp8.block_size(config["quantization_config"]), codes).apply(weights)
+    except ValueError as e:
+        raise ConvertError(f"FP8 checkpoint: {e}; re-download it or convert its unquantized original") from None

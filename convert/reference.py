@@ -77,6 +77,7 @@ class CheckpointReader(TensorSource):
         self._bin_cache = {}
         self.aliases = {}
         self.packed = packed_parameters(self.folder, self.files)
+        self.fp8 = fp8_parameters(self.folder, self.files)
 
     @staticmethod
     def _keys(file):
@@ -88,7 +89,7 @@ class CheckpointReader(TensorSource):
         return list(torch.load(file, map_location="cpu", weights_only=True, mmap=True).keys())
 
     def keys(self):
-        return self.files.keys() | self.packed.keys()
+        return (self.files.keys() - self.fp8.consumed) | self.packed.keys()
 
     def __contains__(self, key):
         return key in self.files or key in self.packed or key in self.aliases
@@ -96,6 +97,11 @@ class CheckpointReader(TensorSource):
     def _get(self, key) -> torch.Tensor:
         if key in self.packed:
             return dequantized_mxfp4(*(self._get(k) for k in self.packed[key]))
+        if key in self.fp8.scales:
+            return self.fp8.dequantized(self._stored(key), self._stored(self.fp8.scales[key]))
+        return self._stored(key)
+
+    def _stored(self, key) -> torch.Tensor:
         file = self.files[key]
         if file.suffix == ".safetensors":
             from safetensors import safe_open
@@ -130,6 +136,30 @@ def dequantized_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tenso
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
     return convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)
+
+
+class FP8Scales:
+    """An FP8 block-scaled checkpoint's (config `quant_method: fp8`) scale tensors: `scales` {weight key: its
+    `_scale_inv` key}, `consumed` the keys that are not parameters. `dequantized` is transformers' FP8Linear
+    dequantization (blocks from the config, ragged last blocks; see mlx_arch/core/fp8.py)."""
+
+    def __init__(self, config: dict, files: dict):
+        from mlx_arch.core import fp8
+
+        found = fp8.is_source(config)
+        self.block = fp8.block_size(config["quantization_config"]) if found else None
+        self.scales = {k[: -len(fp8.SCALE)]: k for k in files if found and k.endswith(fp8.SCALE)}
+        self.consumed = {k for k in files if found and k.endswith((fp8.SCALE, fp8.DROPPED))}
+
+    def dequantized(self, weight: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor:
+        from transformers.integrations.finegrained_fp8 import _dequantize_fp8_weight
+
+        return _dequantize_fp8_weight(weight, scale_inv, self.block, torch.float32)
+
+
+def fp8_parameters(folder: Path, files: dict) -> FP8Scales:
+    config_file = folder / "config.json"
+    return FP8Scales(json.loads(config_file.read_text()) if config_file.is_file() else {}, files)
 
 
 class OutputWeights(TensorSource):

@@ -18,19 +18,30 @@ def check(path: Path):
     is as long as the header says (catches truncated downloads and corrupt headers before MLX reads them)."""
     size = path.stat().st_size
     try:
-        with open(path, "rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            if length > size - 8:
-                raise ValueError("header longer than the file")
-            header = json.loads(f.read(length))
-        if not isinstance(header, dict):
-            raise ValueError("the header is not a JSON object")
+        length, header = read_header(path)
         end = max((entry_end(k, t) for k, t in header.items() if k != "__metadata__"), default=0)
     except (struct.error, ValueError, UnicodeDecodeError) as e:
         raise ConvertError(f"{path.name} is not a valid safetensors file ({e}); re-download it") from None
     if 8 + length + end != size:
         raise ConvertError(f"{path.name} is truncated or corrupt ({size} bytes, header expects "
                            f"{8 + length + end}); re-download it")
+
+
+def read_header(path: Path) -> tuple:
+    """(header length, header dict) of a safetensors file; ValueError if the header cannot be read."""
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        if length > path.stat().st_size - 8:
+            raise ValueError("header longer than the file")
+        header = json.loads(f.read(length))
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
+    return length, header
+
+
+def dtypes(path: Path) -> dict:
+    """{tensor name: safetensors dtype code} of a file that passed `check`."""
+    return {k: v["dtype"] for k, v in read_header(path)[1].items() if k != "__metadata__"}
 
 
 def entry_end(name: str, entry) -> int:

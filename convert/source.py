@@ -118,7 +118,9 @@ def check_source(config: dict, files: list, plan: ConvertPlan) -> str:
     # A transformers-quantized source is refused unless its family reads that format as it is stored (it lists the
     # `quant_method` in its Model's `source_formats`, e.g. MXFP4 experts); `--dequantize` then turns those
     # layers into floats, as for an MLX-quantized source.
-    readable = bool(quant) and quant.get("quant_method") in getattr(arch.Model, "source_formats", ())
+    # FP8 block-scaled weights are dequantized on load, whatever the family (mlx_arch/core/fp8.py).
+    readable = bool(quant) and (quant.get("quant_method") in getattr(arch.Model, "source_formats", ())
+                                or dequantized_on_load(config))
     if quant and not readable:
         method = quant.get("quant_method", "unknown")
         raise ConvertError(f"the source is already quantized ({method}); convert its unquantized original instead")
@@ -127,6 +129,20 @@ def check_source(config: dict, files: list, plan: ConvertPlan) -> str:
     if plan.quantize and "quantization" in config:
         raise ConvertError("the source is already MLX-quantized: --dequantize it first, or convert the original")
     return code
+
+
+def dequantized_on_load(config: dict) -> bool:
+    """Whether the loader reads this transformers-quantized source as floats (FP8 block-scaled); a one-line error
+    for an FP8 variant it cannot read."""
+    from mlx_arch.core import fp8
+
+    if not fp8.is_source(config):
+        return False
+    try:
+        fp8.block_size(config["quantization_config"])
+    except ValueError as e:
+        raise ConvertError(f"config.json: {e}; convert the unquantized original instead") from None
+    return True
 
 
 def preflight(plan: ConvertPlan) -> Source:

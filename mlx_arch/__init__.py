@@ -56,8 +56,10 @@ def build_model(config: dict):
 
 def quantize_like(model, config: dict, weights: dict):
     """Turn the layers that were saved quantized into quantized layers before loading weights."""
+    from .core import fp8
+
     quant = config.get("quantization") or config.get("quantization_config")
-    if not quant:
+    if not quant or fp8.is_source(config):  # FP8 checkpoints arrive dequantized (convert/load.py)
         return
     if "quant_method" in quant:  # transformers' quantization_config: the MLX format its packed tensors are read as
         from .core.mxfp4 import mlx_settings
