@@ -154,6 +154,9 @@ class Indexer(nn.Module):
     low-rank residual (`wq_b`), one key per token (`wk`, LayerNorm `k_norm`), both rotated on their first
     `rope.dims` features, and head weights `weights_proj`. Scores are computed in float32 as transformers does."""
 
+    # Kept in full precision by `RoutedModel.quant_predicate`, as transformers keeps it in float32: it only chooses.
+    float_children = frozenset({"weights_proj"})
+
     def __init__(self, hidden_size: int, q_lora_rank: int, heads: int, head_dim: int, topk: int, rope: nn.Module):
         super().__init__()
         self.heads, self.head_dim, self.topk = heads, head_dim, topk
