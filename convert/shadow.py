@@ -177,10 +177,13 @@ def reference_logits(reference, ids, chunks) -> tuple:
     with torch.no_grad():
         full = reference(input_ids=torch.as_tensor(ids), use_cache=False).logits.float().numpy()
         cache, steps = None, []
-        for a, b in chunks:
-            out = reference(input_ids=torch.as_tensor(ids[:, a:b]), use_cache=True, **{name: cache})
-            cache = out[name]
-            steps.append(out.logits.float().numpy())
+        try:
+            for a, b in chunks:
+                out = reference(input_ids=torch.as_tensor(ids[:, a:b]), use_cache=True, **{name: cache})
+                cache = out[name]
+                steps.append(out.logits.float().numpy())
+        except RuntimeError:  # transformers' own cached decode fails for some hybrids (minimax with a window)
+            return full, None
     return full, np.concatenate(steps, axis=1)
 
 
@@ -243,7 +246,10 @@ def check(source_config: dict, output_config: dict) -> ShadowReport:
         out = ours(mx.array(ids[:, a:b]), cache=cache)
         mx.eval(out)
         steps.append(np.array(out.astype(mx.float32)))
-    report.cached_rel_error = rel_error(np.concatenate(steps, axis=1), expected_cached)
+    # Against transformers' cached decode, or its full forward where its own cached decode fails or drifts from it
+    # (minimax, bamba on random weights): either is a faithful statement of the function.
+    cached = np.concatenate(steps, axis=1)
+    report.cached_rel_error = min(rel_error(cached, ref) for ref in (expected_cached, expected_full) if ref is not None)
 
     what = ", ".join(f"{name} {n}" for name, n in report.boundaries.items()) or "no window or scaled context"
     for name, err in (("full forward", report.full_rel_error), ("cached decode", report.cached_rel_error)):

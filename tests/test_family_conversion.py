@@ -26,7 +26,9 @@ MLX_LM_OTHER_FORMAT = {"olmo": "mlx-lm's olmo reads ai2-olmo's layout (d_model, 
                                        "it in our output makes mlx-lm's logits equal ours)",
                        "llama4_text": "mlx-lm's llama4_text is another model (dense, no chunked attention, no NoPE "
                                       "temperature, head named `output`); its llama4 container reads our layout under "
-                                      "`language_model.`"}
+                                      "`language_model.`",
+                       "minimax": "mlx-lm's minimax module is MiniMax-M2's architecture (mlx-lm remaps minimax_m2 to "
+                                  "it), not the lightning-attention MiniMax-Text-01 that transformers' minimax is"}
 
 
 def mlx_lm_gap(model_type: str):
