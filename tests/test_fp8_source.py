@@ -107,6 +107,9 @@ def test_block_scales_follow_the_config_with_ragged_last_blocks():
     got = fp8.dequantize(mx.array(codes.view(torch.uint8).numpy()), mx.array(scales.numpy()), (BLOCK, BLOCK))
     assert np.array_equal(np.array(got), expected.numpy())
     assert fp8.scale_shape((3, 200, 300), (BLOCK, BLOCK)) == (3, 2, 3)
+    # weight_block_size null: one scale per tensor
+    per_tensor = fp8.dequantize(mx.array(codes[0].view(torch.uint8).numpy()), mx.array([0.25]), None)
+    assert np.array_equal(np.array(per_tensor), codes[0].float().numpy() * 0.25)
 
 
 def test_the_gate_reads_the_source_dequantized(release):
@@ -151,6 +154,18 @@ def test_the_cli_converts_an_fp8_release_to_its_bfloat16(release, tmp_path):
     assert "quantization_config" not in json.loads((out / "config.json").read_text())
     assert mx.load(str(out / "model.safetensors"))["model.layers.0.mlp.up_proj.weight"].dtype == mx.bfloat16
     assert rel_error(ours(out), reference(float_folder)) <= 3e-2
+
+
+def test_a_pickled_fp8_checkpoint_converts_too(release, tmp_path):
+    """`.bin` sources are rewritten as safetensors before loading: the float8 tensors keep their dtype there."""
+    folder, float_folder = release
+    pickled = tmp_path / "bin"
+    shutil.copytree(folder, pickled)
+    torch.save(load_file(pickled / "model.safetensors"), pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+    result = convert(str(pickled), tmp_path / "out", dtype="float32")
+    assert result.validation.passed, result.validation.failures
+    assert rel_error(ours(result.path), reference(float_folder)) <= 1e-4
 
 
 def test_transformers_own_fp8_loading_agrees_on_whole_blocks(tmp_path):
