@@ -144,30 +144,37 @@ def run(model, ids: np.ndarray, mask: np.ndarray, on_layer: Optional[Callable] =
     split = max(1, length // 2)
     chunks = [(0, split)] + [(t, t + 1) for t in range(split, length)]
 
+    # Each stream keeps what its layers read besides the hidden states (the model's `stream_context`).
     batch = model.embed(mx.array(ids))
-    batch_masks = model.masks(batch)
-    alone = {r: model.embed(mx.array(ids[r : r + 1, : int(lengths[r])])) for r in rows}
+    batch_masks, batch_context = model.masks(batch), model.stream_context(mx.array(ids), batch)
+    alone_ids = {r: mx.array(ids[r : r + 1, : int(lengths[r])]) for r in rows}
+    alone = {r: model.embed(x) for r, x in alone_ids.items()}
     alone_masks = {r: model.masks(h) for r, h in alone.items()}
+    alone_context = {r: model.stream_context(alone_ids[r], h) for r, h in alone.items()}
     cached = [model.embed(mx.array(ids[:1, a:b]), a) for a, b in chunks]
+    cached_context = [model.stream_context(mx.array(ids[:1, a:b]), h) for h, (a, b) in zip(cached, chunks)]
     caches = model.make_cache()
     n_layers = len(model.layers)
     hidden = []
     low = None if low_precision is None else batch.astype(low_precision)
     low_masks = None if low is None else model.masks(low)
+    low_context = None if low is None else model.stream_context(mx.array(ids), low)
     low_max_abs = None if low is None else []
     for i in range(n_layers):
         layer = model.layers[i]
-        batch = layer(batch, batch_masks[i], None)
-        alone = {r: layer(h, alone_masks[r][i], None) for r, h in alone.items()}
+        batch = layer(batch, batch_masks[i], None, *model.layer_args(batch_context, i))
+        alone = {r: layer(h, alone_masks[r][i], None, *model.layer_args(alone_context[r], i))
+                 for r, h in alone.items()}
         # The mask for a cached chunk depends on the cache state when the chunk arrives: the layer's kind builds
         # it from the layer's own cache.
-        cached = [layer(h, model.masks(h, [caches[i]], a, kinds=[layer.kind])[0], caches[i])
-                  for h, (a, _) in zip(cached, chunks)]
+        cached = [layer(h, model.masks(h, [caches[i]], a, kinds=[layer.kind])[0], caches[i],
+                        *model.layer_args(context, i))
+                  for h, (a, _), context in zip(cached, chunks, cached_context)]
         mx.eval(batch, alone, cached)
         hidden.append(np.array(batch))
         if low is not None:
             as_dtype(layer, low_precision)
-            low = layer(low, low_masks[i], None)
+            low = layer(low, low_masks[i], None, *model.layer_args(low_context, i))
             low_max_abs.append(largest(low, mask))
         model.layers[i], caches[i] = Released(layer.kind), None
         del layer

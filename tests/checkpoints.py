@@ -74,9 +74,10 @@ _NORM = re.compile(r"norm|(^|\.)ln")  # RMSNorm/LayerNorm weights: `...norm.weig
 
 
 # Buffers that are checkpoint data rather than derived state: DeepSeek-V3-style routers' correction biases (zeros
-# when built; LFM2-MoE calls its `expert_bias`). Redrawn N(0, 0.1), the spread of the sigmoid scores they shift, so
-# that ignoring one changes the experts chosen.
-_DATA_BUFFERS = re.compile(r"(^|\.)(e_score_correction_bias|expert_bias)$")
+# when built; LFM2-MoE calls its `expert_bias`) and Gemma 4's per-layer output scalars (ones). Redrawn around their
+# built value with spread 0.1 (that of the sigmoid scores a bias shifts), so that ignoring one changes the experts
+# chosen or the layer's output.
+_DATA_BUFFERS = re.compile(r"(^|\.)(e_score_correction_bias|expert_bias|layer_scalar)$")
 
 
 def randomize(model, seed: int = 0, std: float = 0.05):
@@ -95,7 +96,8 @@ def randomize(model, seed: int = 0, std: float = 0.05):
         saved = set(model.state_dict())
         for name, b in model.named_buffers():
             if name in saved and _DATA_BUFFERS.search(name):
-                b.copy_(0.1 * torch.randn(b.shape, generator=gen, dtype=torch.float32))
+                mean = 1.0 if torch.all(b == 1) else 0.0
+                b.copy_(mean + 0.1 * torch.randn(b.shape, generator=gen, dtype=torch.float32))
     return model
 
 
@@ -109,9 +111,27 @@ _V4_NAMES["qwen3_moe"] = {"num_local_experts": "num_experts"}
 _V4_LOCAL_ROPE = {"gemma3_text": "rope_local_base_freq"}
 
 
+def _gemma4_hub_style(config: dict) -> dict:
+    """Gemma 4 came out with transformers 5: its Hub configs keep `rope_parameters`, but say `global_head_dim` and
+    `num_global_key_value_heads` where transformers 5.25 writes `per_layer_config`."""
+    overrides = next(iter((config.pop("per_layer_config", None) or {}).values()), {})
+    for key, hub_key in (("head_dim", "global_head_dim"), ("num_key_value_heads", "num_global_key_value_heads")):
+        if key in overrides:
+            config[hub_key] = overrides[key]
+    return config
+
+
+# Families whose Hub configs differ from what transformers 5 writes in another way than transformers 4's keys.
+_HUB_STYLE = {"gemma4_text": _gemma4_hub_style}
+
+
 def to_v4_style(config: dict) -> dict:
     """Rewrite a transformers-5 config dict the way transformers 4 saved it (most of the Hub)."""
     config = dict(config)
+    if config.get("model_type") in _HUB_STYLE:
+        config = _HUB_STYLE[config["model_type"]](config)
+        config["torch_dtype"] = config.pop("dtype", None) or config.get("torch_dtype")
+        return config
     params = config.pop("rope_parameters", None)
     if isinstance(params, dict):
         if all(isinstance(v, dict) for v in params.values()):

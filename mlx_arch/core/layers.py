@@ -319,12 +319,22 @@ class CausalLM(nn.Module):
             logits = mx.tanh(logits / self.final_softcap) * self.final_softcap
         return logits
 
+    def stream_context(self, inputs, h):
+        """What the layers of one forward pass read besides the hidden states (e.g. per-layer inputs computed from
+        the token ids and their embeddings h, keys and values one layer shares with later ones); None for most."""
+        return None
+
+    def layer_args(self, context, index: int) -> tuple:
+        """Layer `index`'s extra arguments from the pass's `stream_context`."""
+        return ()
+
     def __call__(self, inputs, cache=None):
         offset = cache_offset(cache)
         h = self.embed(inputs, offset)
+        context = self.stream_context(inputs, h)
         cache = cache if cache is not None else [None] * len(self.layers)
-        for layer, mask, c in zip(self.layers, self.masks(h, cache, offset), cache):
-            h = layer(h, mask, c)
+        for i, (layer, mask, c) in enumerate(zip(self.layers, self.masks(h, cache, offset), cache)):
+            h = layer(h, mask, c, *self.layer_args(context, i))
         return self.head(h)
 
     def make_cache(self):

@@ -244,6 +244,17 @@ def _build_longrope(dims, base, traditional, config, max_position_embeddings):
                     original_max, float(attention_factor))
 
 
+def _build_proportional(dims, base, traditional, config, max_position_embeddings):
+    """Gemma 4's global layers: rotate-half pairs over the whole head, of which only the first
+    `partial_rotary_factor` rotate (the rest keep an infinite period), positions divided by `factor`. Here
+    `partial_rotary_factor` is read from `config`: `dims` is the whole head."""
+    angles = int(config.get("partial_rotary_factor", 1.0) * dims // 2)
+    inv_freq = np.zeros(dims // 2)
+    inv_freq[:angles] = _default_inv_freq(dims, base)[:angles]
+    with np.errstate(divide="ignore"):
+        return RoPE(dims, traditional, freqs=_periods(inv_freq / config.get("factor", 1.0)))
+
+
 _BUILDERS = {
     "default": _build_default,
     "linear": _build_linear,
@@ -252,6 +263,7 @@ _BUILDERS = {
     "yarn": _build_yarn,
     "longrope": _build_longrope,
     "su": _build_longrope,  # the name Phi-3 configs used before "longrope"
+    "proportional": _build_proportional,
 }
 
 
