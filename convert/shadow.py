@@ -64,25 +64,17 @@ def layer_selection(layer_types: Optional[list], n: int) -> list:
     return sorted(set(first.values()) | {0, 1})[:MAX_LAYERS]
 
 
-def shrink(config: dict, config_class) -> dict:
-    """The config with widths, vocabulary and depth shrunk; every other key kept. Per-layer lists follow the kept
-    layers."""
+def shrink(config: dict, config_class, widths: bool = True) -> dict:
+    """The config with widths (unless `widths` is False), vocabulary and depth shrunk; every other key kept.
+    Per-layer lists follow the kept layers."""
     config = {k: v for k, v in config.items() if k not in _KEEP}
     key = lambda name: _key(config_class, name)  # noqa: E731
     heads, hidden = config.get(key("num_attention_heads")), config.get(key("hidden_size"))
     n = config.get(key("num_hidden_layers"))
     if not (heads and hidden and n):
         raise ValueError("config has no hidden_size / num_attention_heads / num_hidden_layers")
-    head_dim = config.get("head_dim") or hidden // heads
-    kv_key = key("num_key_value_heads")
-    if config.get(kv_key):
-        config[kv_key] = HEADS if config[kv_key] == heads else (1 if config[kv_key] == 1 else HEADS // 2)
-    config[key("num_attention_heads")] = HEADS
-    config[key("hidden_size")] = HEADS * head_dim
-    for width in ("intermediate_size", "n_inner", "ffn_hidden_size", "moe_intermediate_size",
-                  "shared_expert_intermediate_size"):
-        if config.get(width):
-            config[width] = WIDTH
+    if widths:
+        shrink_widths(config, key, heads, hidden)
     shrink_experts(config)
     config[key("vocab_size")] = VOCAB
     for token in ("pad_token_id", "bos_token_id", "eos_token_id"):
@@ -94,6 +86,20 @@ def shrink(config: dict, config_class) -> dict:
             config[name] = [value[i] for i in keep]
     config[key("num_hidden_layers")] = len(keep)
     return config
+
+
+def shrink_widths(config: dict, key, heads: int, hidden: int):
+    """HEADS attention heads of the same head size, MLP widths WIDTH."""
+    head_dim = config.get("head_dim") or hidden // heads
+    kv_key = key("num_key_value_heads")
+    if config.get(kv_key):
+        config[kv_key] = HEADS if config[kv_key] == heads else (1 if config[kv_key] == 1 else HEADS // 2)
+    config[key("num_attention_heads")] = HEADS
+    config[key("hidden_size")] = HEADS * head_dim
+    for width in ("intermediate_size", "n_inner", "ffn_hidden_size", "moe_intermediate_size",
+                  "shared_expert_intermediate_size"):
+        if config.get(width):
+            config[width] = WIDTH
 
 
 EXPERTS = 8  # experts per MoE layer in the shadow (top-k and groups shrunk to fit)
@@ -204,14 +210,20 @@ def check(source_config: dict, output_config: dict) -> ShadowReport:
     report = ShadowReport()
     model_type = source_config["model_type"]
     config_class = CONFIG_MAPPING[model_type]
-    theirs_config = shrink(source_config, config_class)
-    ours_config = shrink(output_config, config_class)
-    report.layers = theirs_config[_key(config_class, "num_hidden_layers")]
+    from huggingface_hub.errors import StrictDataclassError
+
+    try:
+        theirs = config_class.from_dict(shrink(source_config, config_class))
+        widths = True
+    except StrictDataclassError:  # the widths depend on each other in ways shrinking breaks (state-space heads)
+        theirs, widths = config_class.from_dict(shrink(source_config, config_class, widths=False)), False
+    ours_config = shrink(output_config, config_class, widths)
+    report.layers = theirs.num_hidden_layers
 
     from transformers.utils import logging
 
     torch.manual_seed(0)
-    reference = AutoModelForCausalLM.from_config(config_class.from_dict(theirs_config), dtype=torch.float32).eval()
+    reference = AutoModelForCausalLM.from_config(theirs, dtype=torch.float32).eval()
     randomize(reference)
     with tempfile.TemporaryDirectory() as tmp:
         shown = logging.is_progress_bar_enabled()
@@ -262,9 +274,16 @@ def check(source_config: dict, output_config: dict) -> ShadowReport:
 def check_folders(source, output) -> ShadowReport:
     """`check` on a source checkpoint folder and a converted folder; a shadow that cannot be built is reported as
     skipped with the reason (the exact-weights parity still stands)."""
-    source_config = json.loads((Path(source) / "config.json").read_text())
-    output_config = json.loads((Path(output) / "config.json").read_text())
+    from mlx_arch.core.base import text_config
+    from transformers import PreTrainedConfig
+
+    # As transformers reads config.json: infinities stored as {"__float__": "Infinity"} become floats.
+    source_config = PreTrainedConfig._dict_from_json_file(Path(source) / "config.json")
+    source_config = text_config(source_config)  # a multimodal container's text model (as its output config is)
+    output_config = PreTrainedConfig._dict_from_json_file(Path(output) / "config.json")
+    from huggingface_hub.errors import StrictDataclassError  # a config class refusing the shrunk config
+
     try:
         return check(source_config, output_config)
-    except (ValueError, KeyError, TypeError, NotImplementedError) as e:
+    except (ValueError, KeyError, TypeError, NotImplementedError, StrictDataclassError) as e:
         return ShadowReport(skipped=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")

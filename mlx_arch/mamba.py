@@ -13,6 +13,7 @@ import mlx.nn as nn
 
 from .core.base import BaseModelArgs
 from .core.conv import DepthwiseLayout
+from .core.weights import Alias
 from .core.layers import CausalLM, NamedBackbone
 from .core.ssm import RECURRENT, MambaMixer, MixerBlock, SSMModel
 
@@ -66,7 +67,9 @@ class Model(SSMModel, CausalLM):
                              names=("embeddings", "layers", "norm_f"))
 
     def weight_rules(self) -> list:
-        return super().weight_rules() + [DepthwiseLayout("backbone.layers.{i}.mixer.conv1d.weight")]
+        # Older exports name the embedding `embedding` (transformers renames it on load).
+        return super().weight_rules() + [Alias({"backbone.embedding.": "backbone.embeddings."}),
+                                         DepthwiseLayout("backbone.layers.{i}.mixer.conv1d.weight")]
 
     def export_config(self, config: dict) -> dict:
         # mlx-lm reads these as given; transformers derives them.

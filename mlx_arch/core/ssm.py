@@ -1,7 +1,7 @@
 """State-space layers: Mamba's selective scan and Mamba-2's state space duality (SSD), their mixers, and the gated
 RMS norms that follow the scan.
 
-Every mixer keeps its state in a `StateCache` with two slots: the last `kernel - 1` convolution inputs and the
+Every mixer is called as mixer(h, mask, cache) like attention and keeps its state in a `StateCache` with two slots: the last `kernel - 1` convolution inputs and the
 recurrent state. A prompt of any length is processed without a per-token Python loop:
   Mamba-1  `selective_scan`: chunks of `SCAN_CHUNK` tokens, each a log-depth associative scan of the affine maps
            h -> a_t h + u_t (the state carried from chunk to chunk);
@@ -81,6 +81,7 @@ class MambaMixer(nn.Module):
     "weighted" RMS norms `dt_layernorm` / `b_layernorm` / `c_layernorm` (Jamba)."""
 
     sensitive_children = ("out_proj",)
+    cache_slots = 2  # the convolution's last inputs, the recurrent state (core/linear.py's RecurrentBlock reads it)
 
     def __init__(self, hidden_size: int, intermediate_size: int, state_size: int, conv_kernel: int, dt_rank: int,
                  bias: bool = False, conv_bias: bool = True, act: str = "silu", bcdt_norm: Optional[str] = None,
@@ -112,7 +113,7 @@ class MambaMixer(nn.Module):
             return tuple(rms(t, self.norm_eps) for t in (dt, B, C))
         return dt, B, C
 
-    def __call__(self, h, cache: Optional[StateCache] = None):
+    def __call__(self, h, mask=None, cache: Optional[StateCache] = None):
         x, gate = mx.split(self.in_proj(h), 2, axis=-1)
         x = self.act(causal_conv(self.conv1d, x, cache, slot=0))
         dt, B, C = self._normed(*mx.split(self.x_proj(x), [self.dt_rank, self.dt_rank + self.state_size], axis=-1))
@@ -205,6 +206,17 @@ class GatedRMSNorm(nn.Module):
         return (self.weight * x.astype(dtype)).astype(dtype)
 
 
+def _json_float(v) -> float:
+    """A float of config.json: transformers 5 writes infinities as {"__float__": "Infinity"}."""
+    return float(v["__float__"] if isinstance(v, dict) else v)
+
+
+def time_step_bounds(limit) -> tuple:
+    """The (min, max) a Mamba-2 dt is clipped to; None means no bounds."""
+    low, high = limit if limit is not None else (0.0, float("inf"))
+    return _json_float(low), _json_float(high)
+
+
 class Mamba2Mixer(nn.Module):
     """Mamba-2 mixer (transformers' Mamba2Mixer and its copies): in_proj -> [gate | x B C | dt], causal conv + act
     on [x B C], dt = clip(softplus(dt + dt_bias), time_step_limit), SSD scan + D x, gated RMS norm, out_proj.
@@ -214,6 +226,7 @@ class Mamba2Mixer(nn.Module):
     the projected channels (Falcon-H1)."""
 
     sensitive_children = ("out_proj",)
+    cache_slots = 2  # the convolution's last inputs, the recurrent state (core/linear.py's RecurrentBlock reads it)
 
     def __init__(self, hidden_size: int, num_heads: int, head_dim: int, state_size: int, n_groups: int,
                  conv_kernel: int, chunk_size: int, time_step_limit=(0.0, float("inf")), bias: bool = False,
@@ -224,8 +237,7 @@ class Mamba2Mixer(nn.Module):
 
         self.num_heads, self.head_dim, self.state_size, self.n_groups = num_heads, head_dim, state_size, n_groups
         self.chunk_size, self.in_multiplier = chunk_size, in_multiplier
-        low, high = time_step_limit if time_step_limit is not None else (0.0, float("inf"))
-        self.time_step_limit = (float(low), float(high))
+        self.time_step_limit = time_step_bounds(time_step_limit)
         self.intermediate_size = num_heads * head_dim
         self.conv_dim = self.intermediate_size + 2 * n_groups * state_size
         self.in_proj = nn.Linear(hidden_size, self.intermediate_size + self.conv_dim + num_heads, bias=bias)
@@ -263,7 +275,7 @@ class Mamba2Mixer(nn.Module):
         y = y + x.astype(mx.float32) * self.D.astype(mx.float32)[:, None]
         return y.reshape(b, L, -1)
 
-    def __call__(self, h, cache: Optional[StateCache] = None):
+    def __call__(self, h, mask=None, cache: Optional[StateCache] = None):
         gate, xBC, dt = mx.split(self.project(h), [self.intermediate_size, self.intermediate_size + self.conv_dim],
                                  axis=-1)
         xBC = self.act(causal_conv(self.conv1d, xBC, cache, slot=0))
@@ -282,11 +294,6 @@ class Mamba2Mixer(nn.Module):
 RECURRENT = LayerKind("recurrent")
 
 
-def make_state_cache() -> StateCache:
-    """A mixer's cache: slot 0 the convolution's last inputs, slot 1 the recurrent state."""
-    return StateCache(2)
-
-
 class MixerBlock(KindedLayer, nn.Module):
     """Pre-norm residual block around a mixer (Mamba, Mamba-2): x + mixer(norm(x)), under `norm` / `mixer`."""
 
@@ -298,10 +305,10 @@ class MixerBlock(KindedLayer, nn.Module):
         self.mixer = mixer
 
     def __call__(self, x, mask=None, cache=None):
-        return x + self.mixer(self.norm(x), cache)
+        return x + self.mixer(self.norm(x), None, cache)
 
     def make_cache(self):
-        return make_state_cache()
+        return StateCache(self.mixer.cache_slots)
 
 
 # Linear layers of the mixers kept in full precision: Mamba-1's dt path is a few thousandths of a layer's weights
