@@ -102,6 +102,15 @@ class Model(RoutedModel, llama.Model):
     correction_bias: Optional[str] = "gate.e_score_correction_bias"
     split_kv = True  # kv_b_proj split per head (embed_q / unembed_out), as mlx-lm reads this family
 
+    def export_config(self, config: dict) -> dict:
+        """mlx-lm reads `first_k_dense_replace` where later configs say `mlp_layer_types`: written when the dense
+        layers come first."""
+        kinds = getattr(self.args, "mlp_layer_types", None)
+        dense = kinds.count("dense") if kinds else 0
+        if kinds and kinds[:dense] == ["dense"] * dense:
+            return {**config, "first_k_dense_replace": dense}
+        return config
+
     def weight_rules(self) -> list:
         a = self.args
         split = [SplitKeyValueHeads("model.layers.{i}.self_attn.", a.num_attention_heads, a.qk_nope_head_dim,

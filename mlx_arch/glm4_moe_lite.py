@@ -3,7 +3,7 @@ DeepSeek-V3's latent attention and sigmoid group-limited routing with GLM's defa
 from `mlp_layer_types` (by default the first layer dense; `first_k_dense_replace` is not read). The config's
 `head_dim` is an alias of `qk_rope_head_dim` (attribute_map), and wins when both are given.
 
-mlx-lm's glm4_moe_lite reads `first_k_dense_replace` instead: the export writes it when the dense layers come first."""
+mlx-lm's glm4_moe_lite reads `first_k_dense_replace` instead: the export writes it (deepseek_v3.Model)."""
 
 from dataclasses import dataclass
 from typing import Optional
@@ -42,9 +42,4 @@ class ModelArgs(deepseek_v3.ModelArgs):
 
 
 class Model(deepseek_v3.Model):
-    def export_config(self, config: dict) -> dict:
-        kinds = self.args.mlp_layer_types
-        dense = kinds.count("dense")
-        if kinds[:dense] == ["dense"] * dense:
-            return {**config, "first_k_dense_replace": dense}
-        return config
+    pass

@@ -180,7 +180,7 @@ class Indexer(nn.Module):
         q = self.wq_b(q_resid).reshape(B, L, self.heads, self.head_dim).transpose(0, 2, 1, 3)
         q = self.rope(q, offset=offset).astype(mx.float32)
         scores = mx.maximum((q @ keys.astype(mx.float32).swapaxes(-1, -2)) * self.head_dim**-0.5, 0)
-        weights = self.weights_proj(x).astype(mx.float32) * self.heads**-0.5  # (B, L, heads)
+        weights = self.weights_proj(x.astype(mx.float32)) * self.heads**-0.5  # (B, L, heads), float32 as in transformers
         index = (weights.transpose(0, 2, 1)[..., None] * scores).sum(axis=1, keepdims=True)  # (B, 1, L, T)
         index = mx.where(allowed, index, -mx.inf)
         chosen = mx.argpartition(-index, kth=self.topk - 1, axis=-1)[..., : self.topk]
