@@ -54,6 +54,7 @@ class ModelArgs(llama.ModelArgs):
 
 class Model(RoutedModel, llama.Model):
     attention = qwen3.Model.attention
+    experts_name = "experts"  # where mlx-lm's dots1 keeps the stacked experts
 
     def mlp(self, index: int) -> nn.Module:
         a = self.args
@@ -63,9 +64,9 @@ class Model(RoutedModel, llama.Model):
                         normalize=a.norm_topk_prob, n_group=a.n_group, topk_group=a.topk_group)
         return SparseMoE(a.hidden_size, a.moe_intermediate_size, a.n_routed_experts, route, a.hidden_act,
                          shared=MLP(a.hidden_size, a.moe_intermediate_size * a.n_shared_experts, a.hidden_act),
-                         shared_name="shared_experts", switch_name="experts",
+                         shared_name="shared_experts", switch_name=self.experts_name,
                          correction_bias="gate.e_score_correction_bias")
 
     def weight_rules(self) -> list:
         return super().weight_rules() + stack_experts("model.layers.{i}.mlp", self.args.n_routed_experts or 0,
-                                                      switch="experts")
+                                                      switch=self.experts_name)
