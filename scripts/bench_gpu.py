@@ -39,6 +39,8 @@ def main():
     parser.add_argument("--shape", choices=sorted(SHAPES), default="tinyllama")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/bench-gpu"))
     parser.add_argument("--runs", type=int, default=2, help="runs of each command (2 shows compilation apart)")
+    parser.add_argument("--q-method", default="rtn", help="rtn (default: mlx-lm's rounding, so the gate's cost "
+                        "shows alone), search or gptq (calibration runs on the CPU in numpy)")
     args = parser.parse_args()
     src = args.workdir / f"src-{args.shape}"
     start = time.time()
@@ -48,7 +50,7 @@ def main():
     plan = [(f"bare convert (run {i + 1})", dict(skip_validation=True)) for i in range(args.runs)]
     plan += [(f"convert + gate (run {i + 1})", {}) for i in range(args.runs)]
     for label, kwargs in plan:
-        seconds, result = timed(src=str(src), out=args.workdir / "out", **kwargs)
+        seconds, result = timed(src=str(src), out=args.workdir / "out", q_method=args.q_method, **kwargs)
         gate = result.validation
         rows.append((label, seconds, gate))
         print(label, f"{seconds:.1f} s", gate.passed if gate else "", gate.failures if gate else "", flush=True)
