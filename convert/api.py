@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from mlx.utils import tree_flatten
+from mlx_arch.core import containers
+from mlx_arch.core.base import text_config
 
 from . import card, checks, quantize as q, save, source, validate
 from .errors import ConvertError, ValidationFailed
@@ -30,6 +32,7 @@ class ConvertResult:
     quantization_method: str = ""  # how the codes were chosen and on which calibration text (quantized outputs)
     validation: Optional[validate.Report] = None
     published: Optional[object] = None
+    container: Optional[dict] = None  # a multimodal source: its text model and the weights dropped (containers.py)
 
 
 def convert(hf_path: str, mlx_path=None, *, revision: Optional[str] = None, quantize: bool = False,
@@ -151,10 +154,15 @@ class Converted:
     dtype: str
     quant: q.QuantReport
     n_params: int
+    container: Optional[dict] = None
 
 
 def convert_weights(plan: ConvertPlan, src, weights: dict, log) -> Converted:
-    """Sanitize, strict-load, cast and quantize; everything stays lazy."""
+    """Sanitize, strict-load, cast and quantize; everything stays lazy. A multimodal container gives its text
+    model: its other towers' weights are dropped (reported) and the output config is the text model's."""
+    container = containers.dropped_weights(src.config, weights)
+    if container:
+        log(containers.describe(container))
     model = q.build_model(src.config, weights)
     dtype = q.target_dtype(plan, src.config)
     quant = q.QuantReport()
@@ -168,14 +176,15 @@ def convert_weights(plan: ConvertPlan, src, weights: dict, log) -> Converted:
         quant = q.source_quantization(model)  # layers the source stores quantized stay as they are
     for skipped in quant.skipped:
         log(f"kept in full precision: {skipped}")
-    config = model.export_config(dict(src.config))
+    config = model.export_config(dict(text_config(src.config)))
     config.pop("auto_map", None)  # the repo's code is not in the output (and was never needed: see pre-flight)
     # State the resolved head tying: readers default differently when the key is absent (mlx-lm assumes tied).
     tied = getattr(model.args, "tie_word_embeddings", None)
     if tied is not None:
         config.setdefault("tie_word_embeddings", tied)
     # Only the flat dict may keep the arrays alive: the shards evaluate and release them one by one.
-    return Converted(dict(tree_flatten(model.parameters())), config, dtype, quant, q.parameter_count(model))
+    return Converted(dict(tree_flatten(model.parameters())), config, dtype, quant, q.parameter_count(model),
+                     container)
 
 
 def resume_key(plan: ConvertPlan, src) -> str:
@@ -207,7 +216,7 @@ def write_output(plan: ConvertPlan, src, folder: Path, tmp: Path, converted: Con
     save.copy_side_files(folder, tmp)
     result = ConvertResult(plan.mlx_path, size, size * 8 / converted.n_params, converted.n_params, 0.0,
                            quant.config, quant.skipped, excluded_layers=quant.excluded,
-                           quantization_method=quant.method_description)
+                           quantization_method=quant.method_description, container=converted.container)
     result.validation = gate(plan, folder, tmp, progress, log)
     write_card(plan, src, folder, tmp, converted.dtype, result)
     return result
@@ -279,7 +288,8 @@ def write_card(plan, src, source_folder, out, dtype, result):
                             quantized=plan.quantize, validation=summary,
                             skipped_layers=result.skipped_layers + precise_note(result.excluded_layers),
                             upload_repo=plan.upload_repo, ignored_code=src.ignored_code,
-                            model_type=src.config["model_type"], quantization_method=result.quantization_method)
+                            model_type=src.config["model_type"], quantization_method=result.quantization_method,
+                            container=containers.describe(result.container) if result.container else "")
     (out / "README.md").write_text(text)
 
 

@@ -26,7 +26,7 @@ def source_metadata(folder: Path) -> dict:
 def render_card(*, repo_name: str, base_model: Optional[str], source_meta: dict, commit: Optional[str],
                 recipe: str, dtype: str, bits_per_weight: float, quantized: bool, validation: str,
                 skipped_layers: list, upload_repo: Optional[str], ignored_code: str = "",
-                model_type: str = "", quantization_method: str = "") -> str:
+                model_type: str = "", quantization_method: str = "", container: str = "") -> str:
     meta = {"library_name": "mlx", "pipeline_tag": source_meta.get("pipeline_tag", "text-generation")}
     if base_model:
         meta["base_model"] = base_model
@@ -49,6 +49,8 @@ def render_card(*, repo_name: str, base_model: Optional[str], source_meta: dict,
         f"- Float dtype: {dtype}",
         f"- Bits per weight: {bits_per_weight:.2f}",
     ]
+    if container:  # a multimodal source: which text model was kept, what was dropped
+        lines.append(f"- Converted the {container}")
     if quantization_method:  # how the codes were chosen, and on which calibration text
         lines.append(f"- Quantization method: {quantization_method}")
     if skipped_layers:

@@ -177,7 +177,7 @@ class OutputWeights(TensorSource):
 
         self.folder = Path(folder)
         self.config = json.loads((self.folder / "config.json").read_text())
-        self.rules = mlx_arch.build_model(self.config).weight_rules()
+        self.rules = output_rules(self.config, fallback)
         self.tensors = self._mapped()
         self.held = set(self.tensors)  # checkpoint names of what the output holds
         self.fallback, self.aliases = fallback, {}
@@ -207,6 +207,18 @@ class OutputWeights(TensorSource):
         return torch.from_numpy(np.array(self.tensors.pop(key).astype(mx.float32)))
 
 
+def output_rules(config: dict, source: TensorSource) -> list:
+    """Weight rules from the source checkpoint's names to the output's: the output model's own, after those of the
+    multimodal container the source may be (its language model's prefix; its other towers dropped, so the reference
+    reads them from the source)."""
+    import mlx_arch
+    from mlx_arch.core.containers import container_of
+
+    source_config = Path(getattr(source, "folder", "")) / "config.json"
+    container = container_of(json.loads(source_config.read_text())) if source_config.is_file() else None
+    return (container.rules() if container else []) + mlx_arch.build_model(config).weight_rules()
+
+
 def float_weights(stored: dict, config: dict) -> dict:
     """Stored MLX weights with every quantized (weight, scales, biases) group replaced by its float32 weight."""
     import mlx.core as mx
@@ -229,12 +241,12 @@ def float_weights(stored: dict, config: dict) -> dict:
 
 def build_reference(folder):
     """The transformers model of `folder` with parameters on the meta device, float32, eval mode."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
         with parameters_on_meta():
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            model = reference_class(config).from_config(config, dtype=torch.float32)
     except (ValueError, TypeError, KeyError, AttributeError, OSError) as e:  # the config, not our code
         from .errors import ConvertError
 
@@ -242,6 +254,25 @@ def build_reference(folder):
                            f"{(str(e).splitlines() or [''])[0][:160]}), so the gate cannot run: fix the config, or pass "
                            "--skip-validation to convert without proof") from None
     return model.eval()
+
+
+def reference_class(config):
+    """AutoModelForCausalLM; for a multimodal container it does not map (Mistral 3, Llama 4), the container's own
+    image-text model, which the gate runs on input ids only: its text path."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    is_container = config.get_text_config() is not config
+    if is_container and type(config) not in AutoModelForCausalLM._model_mapping:
+        return AutoModelForImageTextToText
+    return AutoModelForCausalLM
+
+
+def text_modules(model):
+    """The module holding the text model's layers: a multimodal container's decoder (its vision tower may have as
+    many layers), else the model."""
+    if model.config.get_text_config() is not model.config and hasattr(model, "get_decoder"):
+        return model.get_decoder()
+    return model
 
 
 def transformers_renames(model) -> list:
@@ -357,7 +388,7 @@ def converted_parameters(model, reader) -> dict:
 
 def decoder_layers(model, n_layers: int):
     """The ModuleList of decoder layers (named differently per family: model.layers, transformer.h, ...)."""
-    for _, module in model.named_modules():
+    for _, module in text_modules(model).named_modules():
         if isinstance(module, torch.nn.ModuleList) and len(module) == n_layers:
             return module
     raise ValueError("cannot find the decoder layers of the reference model")

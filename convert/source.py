@@ -111,7 +111,7 @@ def check_source(config: dict, files: list, plan: ConvertPlan) -> str:
                            "implementation in transformers and mlx-convert; mlx-convert never runs checkpoint code: "
                            "convert a checkpoint of a transformers architecture instead")
     try:
-        arch = mlx_arch.get_architecture(model_type)
+        arch = mlx_arch.architecture(config)  # a multimodal container's: its text model's
     except mlx_arch.UnsupportedArchitecture as e:
         raise ConvertError(str(e)) from None
     quant = config.get("quantization_config") if "quantization" not in config else None  # transformers' own

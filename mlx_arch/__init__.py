@@ -46,12 +46,37 @@ def get_architecture(model_type: str):
     return importlib.import_module(f"{__name__}.{name}")
 
 
+def architecture(config: dict):
+    """The module implementing a config's model: its own model_type's, or a multimodal container's text model's
+    (raises UnsupportedArchitecture naming both types when we lack the text family, or the container)."""
+    from .core.containers import CONTAINERS, container_of, text_type
+
+    model_type = config.get("model_type")
+    if container_of(config):
+        try:
+            return get_architecture(text_type(config))
+        except UnsupportedArchitecture:
+            raise UnsupportedArchitecture(
+                f"{model_type!r} is a multimodal checkpoint whose text model {text_type(config)!r} is not supported; "
+                f"supported text models: {', '.join(sorted(set(architecture_modules()) | set(ALIASES)))}") from None
+    if isinstance(config.get("text_config"), dict) and model_type not in architecture_modules():
+        inner = config["text_config"].get("model_type")
+        raise UnsupportedArchitecture(
+            f"{model_type!r} is a multimodal checkpoint (text model {inner!r}) of a kind mlx-convert does not unpack; "
+            f"supported multimodal checkpoints: {', '.join(sorted(CONTAINERS))}")
+    return get_architecture(model_type)
+
+
 def build_model(config: dict):
     """An uninitialised `Model` for a config dict (float32 parameters until weights are loaded); a multimodal
-    container's config gives its text model (`text_config`, the resolver the gate's reference side mirrors)."""
-    config = text_config(config)
-    arch = get_architecture(config["model_type"])
-    return arch.Model(arch.ModelArgs.from_dict(config))
+    container's config gives its text model (`text_config`, the resolver the gate's reference side mirrors), whose
+    `sanitize` then also selects and renames the language model's weights (core/containers.py)."""
+    from .core.containers import container_of
+
+    arch = architecture(config)
+    model = arch.Model(arch.ModelArgs.from_dict(text_config(config)))
+    model.container = container_of(config)
+    return model
 
 
 def quantize_like(model, config: dict, weights: dict):

@@ -71,6 +71,10 @@ def text_config(config: dict) -> dict:
     inner = config.get("text_config")
     if not isinstance(inner, dict):
         return config
+    from . import containers
+
+    if containers.container_of(config):  # the table says what the text model takes from the container
+        return containers.text_config(config)
     # Other sub-models' configs (`vision_config`, `audio_config`, ...) are not the text model's.
     inherited = {k: v for k, v in config.items() if k not in inner and k not in _CONTAINER_ONLY
                  and not (k.endswith("_config") and k != "quantization_config" and isinstance(v, dict))}

@@ -355,10 +355,16 @@ class CausalLM(nn.Module):
             rules.append(Drop("lm_head.weight", why="tied to the embeddings"))
         return rules
 
+    container = None  # the multimodal container the checkpoint is, set by mlx_arch.build_model (core/containers.py)
+
+    def checkpoint_rules(self) -> list:
+        """`weight_rules()` after a container's own (selecting and renaming its language model's weights)."""
+        return (self.container.rules() if self.container else []) + self.weight_rules()
+
     def sanitize(self, weights: dict) -> dict:
         from .weights import apply_rules
 
-        return apply_rules(weights, self.weight_rules())
+        return apply_rules(weights, self.checkpoint_rules())
 
     # --- quantization hooks: the pipeline asks the model, never matches names -----------------------------------
     def _roles(self) -> dict:
