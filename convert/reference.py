@@ -257,12 +257,13 @@ def build_reference(folder):
 
 
 def reference_class(config):
-    """AutoModelForCausalLM; for a multimodal container it does not map (Mistral 3, Llama 4), the container's own
-    image-text model, which the gate runs on input ids only: its text path."""
+    """AutoModelForCausalLM; for a multimodal container, the container's own image-text model, which the gate runs
+    on input ids only: its text path (AutoModelForCausalLM maps some containers to their bare text model, e.g.
+    Llama 4's, whose names are not the checkpoint's)."""
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     is_container = config.get_text_config() is not config
-    if is_container and type(config) not in AutoModelForCausalLM._model_mapping:
+    if is_container and type(config) in AutoModelForImageTextToText._model_mapping:
         return AutoModelForImageTextToText
     return AutoModelForCausalLM
 

@@ -18,7 +18,7 @@ from mlx_arch.core.base import source_dtype, text_config
 from checkpoints import SMALL, randomize, save_tokenizer, to_v4_style
 from convert.cli import cli
 from convert_helpers import mlx_lm_logits, ours, rel_error
-from model_test_runner import check_cache_vs_full
+from model_test_runner import CASES as ALL_CASES, check_cache_vs_full
 
 SEQ = 20
 TOKENS = np.random.default_rng(0).integers(0, SMALL["vocab_size"], size=(1, SEQ))
@@ -31,6 +31,22 @@ VISION = {
                                         num_hidden_layers=1, num_attention_heads=2, image_size=16, patch_size=4,
                                         head_dim=8), spatial_merge_size=2),
 }
+QWEN_VISION = dict(vision_config=dict(depth=1, hidden_size=16, num_heads=2, intermediate_size=32, out_hidden_size=64,
+                                      patch_size=4, spatial_merge_size=2, temporal_patch_size=2))
+VISION.update({
+    "llama4": dict(vision_config=dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                                      image_size=16, patch_size=4, vision_output_dim=16, projector_input_dim=16,
+                                      projector_output_dim=16)),
+    "gemma4": dict(vision_config=dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                                      num_key_value_heads=2, head_dim=8), audio_config=None),
+    "qwen3_5": QWEN_VISION, "qwen3_5_moe": QWEN_VISION,
+})
+# The text families of the newer containers: their own first test case (tests/data/cases).
+FIRST_CASE = {}
+for case in ALL_CASES:
+    FIRST_CASE.setdefault(case["model_type"], case)
+NEWER = [("llama4", "llama4_text"), ("gemma4", "gemma4_text"), ("qwen3_5", "qwen3_5_text"),
+         ("qwen3_5_moe", "qwen3_5_moe_text")]
 # Text configs with their distinctive settings inside the probe length (windows, local RoPE, query temperature).
 TEXT = {
     "gemma3_text": dict(num_hidden_layers=3, head_dim=16, sliding_window=6, query_pre_attn_scalar=20,
@@ -54,7 +70,8 @@ NEW_NAMES = (("language_model.model.", "model.language_model."), ("language_mode
 def make_container(path, container: str, text_type: str, style: str, dtype=torch.float32, **top):
     from transformers import AutoConfig, AutoModelForImageTextToText
 
-    text = {**SMALL, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3, **TEXT[text_type]}
+    text = {**SMALL, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3, **(TEXT.get(text_type) or
+                                                                                  FIRST_CASE[text_type]["overrides"])}
     config = AutoConfig.for_model(container, text_config={"model_type": text_type, **text}, **VISION[container], **top)
     torch.manual_seed(0)
     model = randomize(AutoModelForImageTextToText.from_config(config)).to(dtype)
@@ -64,7 +81,7 @@ def make_container(path, container: str, text_type: str, style: str, dtype=torch
     saved = json.loads(config_file.read_text())
     if style == "v4":
         saved = {**to_v4_style(saved), "text_config": to_v4_style(saved["text_config"])}
-    else:
+    elif container != "llama4":  # Llama4ForConditionalGeneration's own names are the ones saved
         weights = load_file(path / "model.safetensors")
         renamed = {}
         for key, value in weights.items():
@@ -120,6 +137,22 @@ def test_4bit_output_passes_the_gate_and_mlx_lm_reads_it(tmp_path, container, te
     # mlx-lm ignores mistral's sliding window: compare within it
     tokens = TOKENS[:, : TEXT[text_type].get("sliding_window", SEQ)]
     assert rel_error(mlx_lm_logits(out, tokens), ours(out, tokens)) <= 1e-3
+
+
+@pytest.mark.parametrize("container,text_type", NEWER, ids=[c for c, _ in NEWER])
+def test_newer_containers_match_their_text_path(tmp_path, container, text_type):
+    """Llama 4, Gemma 4, Qwen3.5 (dense and MoE) with their text family's first case: fp32 through the CLI and the
+    gate, logits against the container's text path, cached decode. (mlx-lm: its llama4 and qwen3_5 modules are the
+    multimodal ones, its gemma4_text is checked on the text family's own case in test_family_conversion.)"""
+    src = make_container(tmp_path / "src", container, text_type, "v5")
+    out = tmp_path / "out"
+    result = run("--hf-path", src, "--mlx-path", out, "--dtype", "float32")
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "config.json").read_text())["model_type"] == text_type
+    assert "dropped" in (out / "README.md").read_text()
+    tokens = TOKENS[:, : FIRST_CASE[text_type].get("seq_len", SEQ)]
+    assert rel_error(ours(out, tokens), container_logits(src, tokens)) <= 1e-4
+    check_cache_vs_full(mlx_arch.load_model(out)[0], tokens)
 
 
 def test_bfloat16_source_passes_the_gate(tmp_path):
