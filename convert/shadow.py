@@ -70,7 +70,8 @@ def shrink(config: dict, config_class, widths: bool = True) -> dict:
     config = {k: v for k, v in config.items() if k not in _KEEP}
     key = lambda name: _key(config_class, name)  # noqa: E731
     heads, hidden = config.get(key("num_attention_heads")), config.get(key("hidden_size"))
-    n = config.get(key("num_hidden_layers"))
+    types = config.get(key("layer_types"))
+    n = config.get(key("num_hidden_layers")) or len(types or ())  # some configs only list the layers
     if not (heads and hidden and n):
         raise ValueError("config has no hidden_size / num_attention_heads / num_hidden_layers")
     if widths:
@@ -80,7 +81,7 @@ def shrink(config: dict, config_class, widths: bool = True) -> dict:
     for token in ("pad_token_id", "bos_token_id", "eos_token_id"):
         if isinstance(config.get(token), int) and config[token] >= VOCAB:
             config[token] = None
-    keep = layer_selection(config.get("layer_types"), n)
+    keep = layer_selection(types, n)
     for name, value in list(config.items()):
         if isinstance(value, list) and len(value) == n:
             config[name] = [value[i] for i in keep]

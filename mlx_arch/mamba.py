@@ -67,9 +67,12 @@ class Model(SSMModel, CausalLM):
                              names=("embeddings", "layers", "norm_f"))
 
     def weight_rules(self) -> list:
+        return super().weight_rules() + self.layout_rules()
+
+    def layout_rules(self) -> list:
         # Older exports name the embedding `embedding` (transformers renames it on load).
-        return super().weight_rules() + [Alias({"backbone.embedding.": "backbone.embeddings."}),
-                                         DepthwiseLayout("backbone.layers.{i}.mixer.conv1d.weight")]
+        return [Alias({"backbone.embedding.": "backbone.embeddings."}),
+                DepthwiseLayout("backbone.layers.{i}.mixer.conv1d.weight")]
 
     def export_config(self, config: dict) -> dict:
         # mlx-lm reads these as given; transformers derives them.

@@ -97,3 +97,23 @@ def test_state_carried_from_a_prefill_through_decoded_tokens(tmp_path, model_typ
     parts += [model(mx.array(tokens[:, i : i + 1]), cache=cache) for i in range(30, 40)]
     assert rel_error(np.array(mx.concatenate(parts, axis=1)), np.array(full)) < 1e-4
     assert not any(c.is_trimmable() for c in cache if not hasattr(c, "offset"))
+
+
+def test_nemotron_h_legacy_config_reads_as_transformers_reads_it():
+    """`hybrid_override_pattern` and the old `mamba_*` names (which win over the new ones), as NemotronHConfig."""
+    from transformers import NemotronHConfig
+
+    from mlx_arch import nemotron_h
+
+    legacy = {"model_type": "nemotron_h", "hybrid_override_pattern": "M*-E", "mamba_n_groups": 2, "n_groups": 8,
+              "mamba_d_conv": 3, "mamba_dt_limit": [0.0, 0.5], "mamba_conv_bias": False, "mamba_chunk_size": 16,
+              "num_local_experts": 4}
+    theirs = NemotronHConfig(**{k: v for k, v in legacy.items() if k != "model_type"})
+    ours = nemotron_h.ModelArgs.from_dict(legacy)
+    assert ours.layers_block_type == list(theirs.layers_block_type) == ["linear_attention", "full_attention", "mlp",
+                                                                       "moe"]
+    for name in ("n_groups", "conv_kernel", "use_conv_bias", "chunk_size", "n_routed_experts"):
+        assert getattr(ours, name) == getattr(theirs, name), name
+    assert list(ours.time_step_limit) == list(theirs.time_step_limit)
+    renamed = nemotron_h.ModelArgs.from_dict({"layers_block_type": ["mamba", "attention"]})
+    assert renamed.layers_block_type == ["linear_attention", "full_attention"] and renamed.num_hidden_layers == 2
