@@ -116,10 +116,10 @@ def mlx_logits(folder, ids: np.ndarray, on_layer: Optional[Callable] = None) -> 
     model, _ = load_model(folder, lazy=True)
     as_float32(model)
     h = model.embed(mx.array(ids))
-    masks = model.masks(h)
+    masks, context = model.masks(h), model.stream_context(mx.array(ids), h)  # what layers read besides h
     for i in range(len(model.layers)):
         layer = model.layers[i]
-        h = layer(h, masks[i], None)
+        h = layer(h, masks[i], None, *model.layer_args(context, i))
         mx.eval(h)
         model.layers[i] = Released(layer.kind)
         del layer

@@ -480,7 +480,7 @@ class StreamedForward:
                     full = f"{path}.{name}" if path else name
                     owner._parameters[name] = torch.nn.Parameter(self._tensor(full, p.shape), requires_grad=False)
                     loaded.append((owner, name))
-        self._loaded[id(module)] = loaded
+        self._loaded.setdefault(id(module), []).extend(loaded)  # loaded ahead (see __call__) or by the pre-hook
 
     def _tensor(self, name, shape) -> torch.Tensor:
         source = self.sources[name]
@@ -507,21 +507,18 @@ class StreamedForward:
         """(logits, [hidden states after each layer]) as float32 numpy arrays."""
         self.layer_outputs = []
         as_tensor = lambda x: None if x is None else torch.as_tensor(x).to(self.device)  # noqa: E731
-        with true_float32(), self._kept_loaded(self.model.get_input_embeddings()):
-            out = self.model(input_ids=as_tensor(input_ids), attention_mask=as_tensor(attention_mask), use_cache=False)
-        return out.logits.float().cpu().numpy(), self.layer_outputs
-
-    @contextlib.contextmanager
-    def _kept_loaded(self, module):
-        """`module`'s weights loaded for the whole pass: some models move the input ids to the token embedding's
-        device before calling it (Llama 4), which would be the meta device otherwise."""
-        self._load(module, ())
-        loaded = self._loaded.pop(id(module))
+        # The token embedding is loaded ahead, for models that move the input ids to its device before calling it
+        # (Llama 4), which would be the meta device otherwise; its own forward hook releases it as usual.
+        embedding = self.model.get_input_embeddings()
+        self._load(embedding, ())
         try:
-            yield
+            with true_float32():
+                out = self.model(input_ids=as_tensor(input_ids), attention_mask=as_tensor(attention_mask),
+                                 use_cache=False)
         finally:
-            self._loaded[id(module)] = loaded
-            self._release(module, (), None)
+            if id(embedding) in self._loaded:  # never called (an error before it): release it here
+                self._release(embedding, (), None)
+        return out.logits.float().cpu().numpy(), self.layer_outputs
 
 
 @contextlib.contextmanager
