@@ -94,6 +94,7 @@ class Report:
     logits: dict = field(default_factory=dict)
     layers: list = field(default_factory=list)
     first_divergent_layer: Optional[int] = None
+    layer_kinds: list = field(default_factory=list)  # each decoder layer's kind (full, sliding, chunked, recurrent)
     parity: dict = field(default_factory=dict)  # exact-weights parity: logit metrics and per-layer errors
     weights: dict = field(default_factory=dict)  # stored tensors against their source tensors
     probes: dict = field(default_factory=dict)  # how the probes were built
@@ -356,6 +357,7 @@ def _validate(source, output, progress, gate) -> Report:
             report.heldout = heldout.measure(source, output, tokenizer, progress=progress)
 
     report.failures += [f"non-finite values in {', '.join(report.non_finite[:5])}"] if report.non_finite else []
+    report.layer_kinds = [layer_kind(layer) for layer in model.layers]
     compare_exact(report, mask, out.logits, out.layers, *exact)
     compare_outputs(report, mask, out.logits, out.layers, *original)
     if report.weights["misplaced"]:
@@ -437,6 +439,16 @@ def weight_fidelity(held, source, bound: float) -> dict:
             "misplaced": misplaced}
 
 
+def layer_kind(layer) -> str:
+    kind = getattr(layer, "kind", None)
+    return getattr(kind, "name", "full")
+
+
+def named_layer(report, i: int) -> str:
+    """`3 (recurrent)`: a layer index with its kind, for failure messages."""
+    return f"{i} ({report.layer_kinds[i]})" if i < len(report.layer_kinds) else str(i)
+
+
 def compare_exact(report, mask, logits, layers, exact_logits, exact_layers):
     """The proof: our model against the reference holding the same weights, at float32 bounds."""
     real = mask.astype(bool)
@@ -449,7 +461,8 @@ def compare_exact(report, mask, logits, layers, exact_logits, exact_layers):
     first = next((i for i, e in enumerate(errors) if not e <= bound), None)
     if first is not None or not metrics["max_rel_error"] <= bound:
         report.first_divergent_layer = first
-        where = f"; first diverging layer: {first} ({errors[first]:.1e})" if first is not None else ""
+        where = (f"; first diverging layer: {named_layer(report, first)}, relative error {errors[first]:.1e}"
+                 if first is not None else "")
         report.failures.append(f"exact-weights parity: logits relative error {metrics['max_rel_error']:.2e} "
                                f"(bound {bound:.1e}) against transformers holding the same weights{where}: the "
                                "conversion computes another function")
@@ -476,7 +489,8 @@ def compare_outputs(report, mask, logits, layers, ref_logits, ref_layers):
     first = None
     for i, (ours, ref) in enumerate(zip(layers, ref_layers)):
         err = rel_error(ours[real], ref[real])
-        report.layers.append({"layer": i, "rel_error": err})
+        report.layers.append({"layer": i, "kind": report.layer_kinds[i] if i < len(report.layer_kinds) else "full",
+                              "rel_error": err})
         if first is None and not err <= t["layer_error"]:
             first = i
     m = report.logits
@@ -488,7 +502,7 @@ def compare_outputs(report, mask, logits, layers, ref_logits, ref_layers):
             report.first_divergent_layer = first
         where = first
         report.failures.append("logits differ from the float original (quantization cost): " + ", ".join(broken)
-                               + (f"; first diverging layer: {where}" if where is not None else ""))
+                               + (f"; first diverging layer: {named_layer(report, where)}" if where is not None else ""))
 
 
 def write_report(report: Report, folder) -> Path:
@@ -511,7 +525,7 @@ def summary_table(report: Report) -> str:
     p = report.parity
     if p:
         worst = max(range(len(p["layers"])), key=lambda i: p["layers"][i]) if p["layers"] else None
-        layer = f", worst layer {worst} ({p['layers'][worst]:.1e})" if worst is not None else ""
+        layer = f", worst layer {named_layer(report, worst)}: {p['layers'][worst]:.1e}" if worst is not None else ""
         rows.append(("exact-weights parity (transformers holding the output's weights)",
                      f"max relative logit error {p['max_rel_error']:.1e}{layer}"))
     w = report.weights
@@ -546,7 +560,7 @@ def summary_table(report: Report) -> str:
     if report.layers:
         worst = max(report.layers, key=lambda r: r["rel_error"])
         rows.append(("quantization cost: worst layer (hidden-state rel. error)",
-                     f"{worst['layer']} ({worst['rel_error']:.2e})"))
+                     f"{named_layer(report, worst['layer'])}: {worst['rel_error']:.2e}"))
     from .heldout import summary_rows
 
     rows += summary_rows(report.heldout)

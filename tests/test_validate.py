@@ -46,7 +46,7 @@ def test_diverging_layer_is_named(source, tmp_path):
     assert not report.passed
     assert report.first_divergent_layer == 1
     assert report.layers[0]["rel_error"] <= 1e-4
-    assert any("first diverging layer: 1" in f for f in report.failures)
+    assert any("first diverging layer: 1 (full)" in f for f in report.failures)
 
 
 def test_nan_weight_is_refused_by_name(source, tmp_path):
@@ -263,3 +263,25 @@ def test_report_states_the_backend(source, tmp_path):
     moved = report.backend["default_precision"] > 1e-5
     assert (report.backend["device"] != report.backend["default"]) == moved and report.backend["precision"] < 1e-5
     assert "| MLX checks ran on |" in summary_table(report)
+
+
+def test_hybrid_report_names_layers_by_kind(tmp_path):
+    """A recurrent/attention hybrid: the per-layer report says each layer's kind, and a layer broken in a
+    recurrent layer is named as one."""
+    from convert import convert
+    from model_test_runner import CASES
+
+    case = next(c for c in CASES if c["model_type"] == "bamba")
+    src = make_checkpoint(tmp_path / "src", "bamba", **case.get("overrides", {}))
+    report = convert(str(src), tmp_path / "out", dtype="float32").validation
+    kinds = report.layer_kinds
+    assert {"recurrent", "full"} <= set(kinds) and [r["kind"] for r in report.layers] == kinds
+    recurrent = kinds.index("recurrent")
+    name = next(k for k in mx.load(str(tmp_path / "out" / "model.safetensors"))
+                if f"layers.{recurrent}." in k and k.endswith("out_proj.weight"))
+
+    def break_recurrent(w):
+        w[name] = w[name] * 1.5
+
+    bad = validate(src, write_mlx_folder(src, tmp_path / "bad", mutate=break_recurrent))
+    assert any(f"first diverging layer: {recurrent} (recurrent)" in f for f in bad.failures), bad.failures
