@@ -125,6 +125,46 @@ def _gemma4_hub_style(config: dict) -> dict:
 _HUB_STYLE = {"gemma4_text": _gemma4_hub_style}
 
 
+def _exaone_moe_hub_keys(config: dict) -> dict:
+    """K-EXAONE's Hub configs say `is_moe_layer`, which ExaoneMoeConfig ignores; lists the config class derives
+    (`mlp_layer_types` from `first_k_dense_replace`, `layer_types` from an integer `sliding_window_pattern`) are
+    left out where the derivation gives them back, so that the keys they derive from are read."""
+    n, kinds = config["num_hidden_layers"], config.get("mlp_layer_types")
+    if kinds:
+        config["is_moe_layer"] = [k == "sparse" for k in kinds]
+        if kinds == ["dense" if i < config.get("first_k_dense_replace", 1) else "sparse" for i in range(n)]:
+            del config["mlp_layer_types"]
+    period = config.get("sliding_window_pattern")
+    if isinstance(period, int) and period > 0 and config.get("layer_types") == [
+            "full_attention" if (i + 1) % period == 0 else "sliding_attention" for i in range(n)]:
+        del config["layer_types"]
+    return config
+
+
+def _mimo_v2_flash_hub_keys(config: dict) -> dict:
+    """MiMo-V2-Flash's Hub config (remote-code era): `hybrid_layer_pattern` / `moe_layer_freq` (1 = sliding / sparse),
+    `sliding_window_size` (the window less the query), top-level `rope_theta` / `swa_rope_theta` /
+    `partial_rotary_factor`; MiMoV2FlashConfig reads only `sliding_window_size` of these. Lists it derives the same
+    way by default are left out."""
+    n, types, kinds = config["num_hidden_layers"], config.get("layer_types"), config.get("mlp_layer_types")
+    config["hybrid_layer_pattern"] = [int(t == "sliding_attention") for t in types]
+    if types == ["full_attention" if i == 0 or (i + 1) % 6 == 0 else "sliding_attention" for i in range(n)]:
+        del config["layer_types"]
+    config["moe_layer_freq"] = [int(k == "sparse") for k in kinds]
+    if kinds == ["dense"] + ["sparse"] * (n - 1):
+        del config["mlp_layer_types"]
+    config["sliding_window_size"] = config.pop("sliding_window") - 1
+    rope = config.pop("rope_parameters")
+    config["rope_theta"] = rope["full_attention"]["rope_theta"]
+    config["swa_rope_theta"] = rope["sliding_attention"]["rope_theta"]
+    config["partial_rotary_factor"] = rope["full_attention"].get("partial_rotary_factor", 0.334)
+    return config
+
+
+# Keys of Hub configs that transformers 5 no longer writes (FACTS.md): rewritten before transformers 4's keys.
+_HUB_KEYS = {"exaone_moe": _exaone_moe_hub_keys, "mimo_v2_flash": _mimo_v2_flash_hub_keys}
+
+
 def to_v4_style(config: dict) -> dict:
     """Rewrite a transformers-5 config dict the way transformers 4 saved it (most of the Hub)."""
     config = dict(config)
@@ -132,6 +172,8 @@ def to_v4_style(config: dict) -> dict:
         config = _HUB_STYLE[config["model_type"]](config)
         config["torch_dtype"] = config.pop("dtype", None) or config.get("torch_dtype")
         return config
+    if config.get("model_type") in _HUB_KEYS:
+        config = _HUB_KEYS[config["model_type"]](config)
     params = config.pop("rope_parameters", None)
     if isinstance(params, dict):
         if all(isinstance(v, dict) for v in params.values()):
