@@ -28,6 +28,7 @@ _LAYER_TYPES = {
     "sliding_attention": "sliding",
     "local": "sliding",
     "chunked_attention": "chunked",
+    "indexed_attention": "full",  # DeepSeek-V3.2 / GLM-MoE-DSA: full attention whose indexer picks top-k keys
     "linear_attention": "recurrent",
     "mamba": "recurrent",
     "conv": "recurrent",
