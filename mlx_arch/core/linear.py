@@ -186,6 +186,25 @@ def gated_delta(q, k, v, g, beta, cache: Optional[StateCache] = None, slot: int 
     return out
 
 
+def gated_delta_by_chunk(q, k, v, g, beta, cache: Optional[StateCache] = None, slot: int = 0, chunk: int = CHUNK):
+    """`gated_delta` for per-key-channel decays (Kimi Delta Attention): a prompt goes through the chunked form one
+    chunk per call, the state carried between calls, so that the pairwise decays (chunk x chunk x Dk per head) exist
+    for one chunk at a time rather than for the whole prompt at once."""
+    state = cache[slot] if cache is not None else None
+    if q.shape[1] == 1 and state is not None:
+        out, state = gated_delta_step(q, k, v, g, beta, state)
+    else:
+        parts = []
+        for s in range(0, q.shape[1], chunk):
+            part, state = gated_delta_chunked(q[:, s : s + chunk], k[:, s : s + chunk], v[:, s : s + chunk],
+                                              g[:, s : s + chunk], beta[:, s : s + chunk], state, chunk)
+            parts.append(part)
+        out = mx.concatenate(parts, axis=1)
+    if cache is not None:
+        cache[slot] = state
+    return out
+
+
 # --- decayed linear attention (lightning attention) ---------------------------------------------------------------
 
 
@@ -229,6 +248,49 @@ def decayed_linear(q, k, v, g, cache: Optional[StateCache] = None, slot: int = 0
         out, state = decayed_linear_step(q, k, v, g, state)
     else:
         out, state = decayed_linear_chunked(q, k, v, g, state, chunk)
+    if cache is not None:
+        cache[slot] = state
+    return out
+
+
+# --- the diagonal linear recurrence (RG-LRU) ----------------------------------------------------------------------
+
+
+def diagonal_recurrence_chunked(a, x, state=None, chunk: int = CHUNK):
+    """h_t = a_t * h_{t-1} + x_t elementwise over a whole sequence (recurrent_gemma's RG-LRU scan): chunks of `chunk`
+    tokens, each a log-depth associative scan, the state carried from chunk to chunk. a, x (B, L, D); state (B, D)
+    or None for zeros. Returns (h (B, L, D) float32, last state)."""
+    from .ssm import _associative_scan
+
+    a, x = a.astype(mx.float32), x.astype(mx.float32)
+    state = mx.zeros((x.shape[0], x.shape[2]), mx.float32) if state is None else state.astype(mx.float32)
+    out = []
+    for start in range(0, x.shape[1], chunk):
+        decay, h = _associative_scan(a[:, start : start + chunk], x[:, start : start + chunk])
+        h = h + decay * state[:, None]
+        out.append(h)
+        state = h[:, -1]
+    return mx.concatenate(out, axis=1), state
+
+
+def diagonal_recurrence_step(a, x, state=None):
+    """The same recurrence one token at a time (the decoding form; any L for tests)."""
+    state = mx.zeros((x.shape[0], x.shape[2]), mx.float32) if state is None else state.astype(mx.float32)
+    out = []
+    for t in range(x.shape[1]):
+        state = a[:, t].astype(mx.float32) * state + x[:, t].astype(mx.float32)
+        out.append(state)
+    return mx.stack(out, axis=1), state
+
+
+def diagonal_recurrence(a, x, cache: Optional[StateCache] = None, slot: int = 0, chunk: int = CHUNK):
+    """The diagonal recurrence with its state in `cache[slot]`: the step for one token after a prefill, else the
+    chunked scan. Output in float32."""
+    state = cache[slot] if cache is not None else None
+    if x.shape[1] == 1 and state is not None:
+        out, state = diagonal_recurrence_step(a, x, state)
+    else:
+        out, state = diagonal_recurrence_chunked(a, x, state, chunk)
     if cache is not None:
         cache[slot] = state
     return out
