@@ -189,8 +189,8 @@ def reference_logits(reference, ids, chunks) -> tuple:
                 out = reference(input_ids=torch.as_tensor(ids[:, a:b]), use_cache=True, **{name: cache})
                 cache = out[name]
                 steps.append(out.logits.float().numpy())
-        except RuntimeError:  # transformers' own cached decode fails for some hybrids (minimax with a window)
-            return full, None
+        except (RuntimeError, ValueError):  # transformers' own cached decode fails for some hybrids (minimax with a
+            return full, None  # window; recurrent_gemma, whose cache has no attention layer where its mask looks)
     return full, np.concatenate(steps, axis=1)
 
 
