@@ -28,7 +28,10 @@ MLX_LM_OTHER_FORMAT = {"olmo": "mlx-lm's olmo reads ai2-olmo's layout (d_model, 
                                       "temperature, head named `output`); its llama4 container reads our layout under "
                                       "`language_model.`",
                        "minimax": "mlx-lm's minimax module is MiniMax-M2's architecture (mlx-lm remaps minimax_m2 to "
-                                  "it), not the lightning-attention MiniMax-Text-01 that transformers' minimax is"}
+                                  "it), not the lightning-attention MiniMax-Text-01 that transformers' minimax is",
+                       "jamba": "mlx-lm's jamba renormalises the chosen experts' weights (softmax over the top-k logits) "
+                                "where transformers keeps their plain probabilities; it reads our layout "
+                                "(tests/test_ssm_hybrids.py, with every expert chosen)"}
 
 
 def mlx_lm_gap(model_type: str):
