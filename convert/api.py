@@ -38,6 +38,7 @@ class ConvertResult:
 def convert(hf_path: str, mlx_path=None, *, revision: Optional[str] = None, quantize: bool = False,
             q_bits: Optional[int] = None, q_group_size: Optional[int] = None, q_mode: str = "affine",
             quant_recipe: Optional[str] = None, q_method: Optional[str] = None, calibration_file=None,
+            target_bpw: Optional[float] = None,
             dtype: Optional[str] = None, dequantize: bool = False, upload_repo: Optional[str] = None, private: bool = False, skip_validation: bool = False,
             dry_run: bool = False, max_shard_size: int = 5 * GB, overwrite: bool = False,
             endpoint: Optional[str] = None, token: Optional[str] = None,
@@ -52,7 +53,7 @@ def convert(hf_path: str, mlx_path=None, *, revision: Optional[str] = None, quan
     """
     plan = ConvertPlan(hf_path=hf_path, mlx_path=mlx_path, revision=revision, quantize=quantize, q_bits=q_bits,
                        q_group_size=q_group_size, q_mode=q_mode, quant_recipe=quant_recipe, q_method=q_method,
-                       calibration_file=calibration_file, dtype=dtype,
+                       calibration_file=calibration_file, target_bpw=target_bpw, dtype=dtype,
                        dequantize=dequantize, upload_repo=upload_repo, private=private,
                        skip_validation=skip_validation, dry_run=dry_run, max_shard_size=max_shard_size,
                        overwrite=overwrite, endpoint=endpoint, token=token)

@@ -22,7 +22,9 @@ the same format (`read_documents`).
 """
 
 import contextlib
+import copy
 import ctypes
+import inspect
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -386,6 +388,7 @@ class _Hessians:
 
     def __init__(self):
         self.sums, self.key = {}, {}
+        self.counts, self.experts = {}, {}  # stacked experts: tokens per expert by key, number of experts by path
         self._last = (None, None)  # the array the previous module was fed, and its sum's key
 
     def add(self, path: str, x):
@@ -396,6 +399,27 @@ class _Hessians:
             xtx = flat.T @ flat
             self.sums[key] = xtx if key not in self.sums else self.sums[key] + xtx
             mx.eval(self.sums[key])
+        if self.key.setdefault(path, key) != key:
+            raise RuntimeError(f"calibration: {path} was fed different inputs from one batch to the next")
+        self._last = (x, key)
+
+    def add_routed(self, path: str, x, indices):
+        """Per-expert X^T X of a layer of stacked experts (SwitchLinear): x (..., M, in) with `indices` broadcastable
+        against its batch axes; each row counts for the expert its index names. Sums (E, in, in) and the tokens each
+        expert received (`counts[key]`)."""
+        last, key = self._last
+        if x is not last:
+            key = path
+            shape = tuple(np.broadcast_shapes(tuple(x.shape[:-2]), tuple(indices.shape)))
+            rows = np.array(mx.broadcast_to(x, shape + tuple(x.shape[-2:])).astype(mx.float32)).reshape(-1, x.shape[-1])
+            experts = np.repeat(np.array(mx.broadcast_to(indices, shape)).reshape(-1), x.shape[-2])
+            n_experts = self.experts[path]
+            sums = self.sums.setdefault(key, np.zeros((n_experts, x.shape[-1], x.shape[-1]), np.float32))
+            counts = self.counts.setdefault(key, np.zeros(n_experts, np.int64))
+            for e in np.unique(experts):
+                chosen = rows[experts == e]
+                sums[e] += chosen.T @ chosen
+                counts[e] += len(chosen)
         if self.key.setdefault(path, key) != key:
             raise RuntimeError(f"calibration: {path} was fed different inputs from one batch to the next")
         self._last = (x, key)
@@ -419,6 +443,7 @@ class _Hessians:
         return h, key
 
 
+
 class _Capture(nn.Module):
     """Stands in for a linear layer while calibrating: records its input's Hessian, then computes as it."""
 
@@ -430,6 +455,24 @@ class _Capture(nn.Module):
     def __call__(self, x):
         self.hessians.add(self.path, x)
         return self.inner(x)
+
+
+class _RoutedCapture(_Capture):
+    """Stands in for a layer of stacked experts (SwitchLinear: weight (E, out, in), called with the experts' indices):
+    records each expert's Hessian on the rows routed to it."""
+
+    def __init__(self, path: str, module, hessians: _Hessians):
+        super().__init__(path, module, hessians)
+        hessians.experts[path] = module.weight.shape[0]
+
+    def __call__(self, x, indices, *args, **kwargs):
+        self.hessians.add_routed(self.path, x, indices)
+        return self.inner(x, indices, *args, **kwargs)
+
+
+def capture(path: str, module, twin, hessians: _Hessians):
+    """The stand-in recording the inputs of `module` (computing as `twin`)."""
+    return (_RoutedCapture if stacked(module) else _Capture)(path, twin, hessians)
 
 
 class _Stop(Exception):
@@ -460,13 +503,27 @@ class CalibrationReport:
     seconds: float = 0.0
     errors: dict = field(default_factory=dict)  # path -> (method's, round-to-nearest's) activation-weighted error
     uncalibrated: list = field(default_factory=list)  # quantized by the weight-error search: no activations
+    # stacked experts: "path#e" -> (method's, round-to-nearest's) error on the rows routed to expert e
+    expert_errors: dict = field(default_factory=dict)
+    fallback: dict = field(default_factory=dict)  # "path#e" -> routed tokens, too few: the search method instead
+    expert_tokens: dict = field(default_factory=dict)  # "path#e" -> calibration tokens routed to expert e
 
     def summary(self) -> str:
         ratios = sorted(ours / max(rtn, 1e-30) for ours, rtn in self.errors.values())
         median = f"{ratios[len(ratios) // 2]:.0%}" if ratios else "n/a"
         return (f"{self.method} on {self.tokens} calibration tokens ({self.rows} rows) in {self.seconds:.1f} s: "
                 f"{len(self.errors)} layers calibrated, output error {median} of round-to-nearest's (median)"
-                + (f"; without activations: {', '.join(self.uncalibrated)}" if self.uncalibrated else ""))
+                + (f"; without activations: {', '.join(self.uncalibrated)}" if self.uncalibrated else "")
+                + self.experts_summary())
+
+    def experts_summary(self) -> str:
+        if not self.expert_errors and not self.fallback:
+            return ""
+        ratios = sorted(ours / max(rtn, 1e-30) for ours, rtn in self.expert_errors.values())
+        median = f", output error {ratios[len(ratios) // 2]:.0%} of round-to-nearest's (median)" if ratios else ""
+        return (f"; experts: {len(self.expert_errors)} calibrated on their routed tokens{median}, "
+                f"{len(self.fallback)} with fewer than {MIN_EXPERT_TOKENS} routed tokens quantized by the search "
+                "method instead")
 
 
 def rtn_error(w: np.ndarray, h: np.ndarray, params: dict, dtype: str) -> float:
@@ -478,32 +535,55 @@ def rtn_error(w: np.ndarray, h: np.ndarray, params: dict, dtype: str) -> float:
 
 
 REPORT_ROWS = 256  # the report's errors are estimated on this many rows of wide layers
+# An expert calibrated by error feedback needs at least this many routed calibration tokens (fewer give a Hessian
+# that describes those few tokens rather than the expert's inputs); others get the search method, weighted by
+# whatever tokens they saw.
+MIN_EXPERT_TOKENS = 64
+
+
+def stacked(module) -> bool:
+    """Whether `module` holds stacked experts: a 3-D weight (E, out, in) applied to the rows routed to each expert,
+    called with the experts' `indices` (MoE blocks' switch layers; not per-head layers, which every row goes
+    through)."""
+    return (hasattr(module, "to_quantized") and "weight" in module and module.weight.ndim == 3
+            and "indices" in inspect.signature(type(module).__call__).parameters)
 
 
 def handles(module) -> bool:
-    """Whether calibration quantizes this kind of module (others, such as stacked experts, are rounded to nearest
-    by `nn.quantize`)."""
-    return type(module) in (nn.Linear, nn.Embedding)
+    """Whether calibration quantizes this kind of module: linear layers, embeddings and stacked experts (others are
+    rounded to nearest by `nn.quantize`)."""
+    return type(module) in (nn.Linear, nn.Embedding) or stacked(module)
+
+
+class Experts(list):
+    """One Affine per expert of a stacked-expert layer, stored as one (E, ...) array each."""
+
+    def dequantized(self) -> np.ndarray:
+        return np.stack([r.dequantized() for r in self])
+
+    def arrays(self) -> tuple:
+        return tuple(mx.stack(parts) for parts in zip(*(r.arrays() for r in self)))
+
+    @property
+    def bits(self):
+        return self[0].bits
+
+    @property
+    def group_size(self):
+        return self[0].group_size
 
 
 def quantized_module(module, result: Affine, arrays: tuple):
     """The MLX quantized twin of `module` holding `arrays` (`result.arrays()`, perhaps as reloaded from a spill
-    file), the layout `nn.quantize` produces."""
-    weight, scales, biases = arrays
-    if isinstance(module, nn.Embedding):
-        layer = nn.QuantizedEmbedding(module.weight.shape[0], module.weight.shape[1], result.group_size, result.bits)
-    else:
-        layer = nn.QuantizedLinear(module.weight.shape[1], module.weight.shape[0], "bias" in module,
-                                   result.group_size, result.bits)
-        if "bias" in module:
-            layer.bias = module.bias
-    layer.weight, layer.scales, layer.biases = weight, scales, biases
+    file): the module's own `to_quantized` layout (what `nn.quantize` produces), codes replaced."""
+    layer = module.to_quantized(group_size=result.group_size, bits=result.bits)  # its round to nearest: dropped
+    layer.weight, layer.scales, layer.biases = arrays
     return layer
 
 
 def float_twin(module, weight: np.ndarray):
-    """A float32 nn.Linear computing with `weight` (and the module's bias)."""
-    twin = nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in module)
+    """`module` computing in float32 with `weight` (and its bias)."""
+    twin = copy.copy(module)  # a shallow copy: the module's own parameters stay as they are
     twin.weight = mx.array(weight)
     if "bias" in module:
         twin.bias = module.bias.astype(mx.float32)
@@ -557,13 +637,13 @@ class LayerwiseQuantizer:
         groups before it compute quantized; otherwise every Hessian comes from one pass."""
         layer = self.model.layers[i]
         targets = {f"{prefix}.{p}": m for p, m in layer.named_modules()
-                   if f"{prefix}.{p}" in self.settings and type(m) is nn.Linear}
+                   if f"{prefix}.{p}" in self.settings and (type(m) is nn.Linear or stacked(m))}
         floats = {p: np.array(m.weight.astype(mx.float32)) for p, m in targets.items()}
         done, groups = {}, None
         while len(done) < len(targets):
             todo = groups.pop(0) if groups else [p for p in targets if p not in done]
             hessians = _Hessians()
-            swap(layer, prefix, {p: _Capture(p, float_twin(targets[p], floats[p]), hessians) for p in todo})
+            swap(layer, prefix, {p: capture(p, targets[p], float_twin(targets[p], floats[p]), hessians) for p in todo})
             for h, mask in zip(hidden, masks):
                 mx.eval(layer(h, mask, None))
             if groups is None and SEQUENTIAL:
@@ -572,6 +652,10 @@ class LayerwiseQuantizer:
             plans = {}
             for path in todo:
                 h, key = hessians.pop(path)
+                if stacked(targets[path]):
+                    counts = hessians.counts[key] if h is not None else None
+                    done[path] = self.quantize_experts(path, floats.pop(path), h, counts, targets[path], plans, key)
+                    continue
                 if self.method == "gptq" and h is not None and key not in plans:
                     plans[key] = gptq_plan(h)
                 done[path] = self.quantize(path, floats.pop(path), h, targets[path], plans.get(key))
@@ -588,16 +672,7 @@ class LayerwiseQuantizer:
         """Calibrate the output head on the final hidden states (`model.head` stopped at the head's input); an
         embedding that is not the head has no activations to weigh its error and gets the weight-error search."""
         model = self.model
-        vocab = {p: m for p, m in model.named_modules()
-                 if p in self.settings and model.is_vocab(p) and type(m) in (nn.Linear, nn.Embedding)}
-        hessians = _Hessians()
-        swap(model, "", {p: _HeadCapture(p, m, hessians) for p, m in vocab.items()})
-        for h in hidden:
-            try:
-                model.head(h)
-            except _Stop:
-                pass
-        swap(model, "", vocab)
+        vocab, hessians = head_hessians(model, self.settings, hidden)
         done = {}
         for path, module in vocab.items():
             h = hessians.pop(path)[0]
@@ -606,6 +681,29 @@ class LayerwiseQuantizer:
             done[path] = self.quantize(path, np.array(module.weight.astype(mx.float32)), h, module)
         self.install(model, "", "head", vocab, done)
 
+    def quantize_experts(self, path: str, w: np.ndarray, h: Optional[np.ndarray], counts, module, plans: dict,
+                         key) -> Experts:
+        """Each expert of a stacked-expert layer `w` (E, out, in) by the method on the rows routed to it (`h`
+        (E, in, in), `counts` tokens per expert); an expert with fewer than MIN_EXPERT_TOKENS gets the search
+        method (activation-weighted by the tokens it saw, if any). `plans` (by (key, expert)) shares GPTQ plans
+        between the layers fed the same rows (gate and up)."""
+        dtype = str(module.weight.dtype).rpartition(".")[2]
+        params, results = self.settings[path], Experts()
+        for e in range(w.shape[0]):
+            he = None if h is None or counts[e] == 0 else h[e]
+            name = f"{path}#{e}"
+            self.report.expert_tokens[name] = 0 if counts is None else int(counts[e])
+            if he is None or counts[e] < MIN_EXPERT_TOKENS:
+                results.append(solve("search" if self.method != "rtn" else "rtn", w[e], he, params, dtype))
+                self.report.fallback[name] = 0 if counts is None else int(counts[e])
+                continue
+            if self.method == "gptq" and (key, e) not in plans:
+                plans[(key, e)] = gptq_plan(he)
+            results.append(solve(self.method, w[e], he, params, dtype, plans.get((key, e))))
+            self.report.expert_errors[name] = (weighted_error(w[e], results[-1].dequantized(), he, REPORT_ROWS),
+                                               rtn_error(w[e], he, params, dtype))
+        return results
+
     def quantize(self, path: str, w: np.ndarray, h: Optional[np.ndarray], module, plan=None) -> Affine:
         dtype = str(module.weight.dtype).rpartition(".")[2]  # scales and biases are stored in the weight's dtype
         result = solve(self.method, w, h, self.settings[path], dtype, plan)
@@ -613,6 +711,22 @@ class LayerwiseQuantizer:
             self.report.errors[path] = (weighted_error(w, result.dequantized(), h, REPORT_ROWS),
                                         rtn_error(w, h, self.settings[path], dtype))
         return result
+
+
+def head_hessians(model, settings: dict, hidden: list) -> tuple:
+    """({path: module} of the vocabulary layers in `settings`, _Hessians of their inputs as the output head): the
+    final hidden states `hidden` run through `model.head`, stopped at the head's input."""
+    vocab = {p: m for p, m in model.named_modules()
+             if p in settings and model.is_vocab(p) and type(m) in (nn.Linear, nn.Embedding)}
+    hessians = _Hessians()
+    swap(model, "", {p: _HeadCapture(p, m, hessians) for p, m in vocab.items()})
+    for h in hidden:
+        try:
+            model.head(h)
+        except _Stop:
+            pass
+    swap(model, "", vocab)
+    return vocab, hessians
 
 
 @contextlib.contextmanager

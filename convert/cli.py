@@ -62,11 +62,17 @@ class ConvertCommand(click.Command):
               "group's min and max (mx.quantize, mlx_lm.convert). search: per group, the clipping range that "
               "minimises the error weighted by calibration activations. gptq: error-feedback rounding with Hessians "
               "of calibration activations, layer by layer (SmolLM2-135M at 3-4 bits: KL to the float model 27-31% "
-              "of rtn's, search 36-42%; about 100 s on 2 CPU cores). Default: gptq below 8 bits; rtn at 8 bits, for "
-              "block formats, mixture-of-experts models and sources without a tokenizer.")
+              "of rtn's, search 36-42%; about 100 s on 2 CPU cores); mixture-of-experts layers are calibrated per "
+              "expert on the tokens routed to each. Default: gptq below 8 bits; rtn at 8 bits, for block formats "
+              "and sources without a tokenizer.")
 @click.option("--calibration-file", type=click.Path(exists=True, dir_okay=False), help="Text that calibrates "
               "--q-method gptq/search (default: a built-in mix of prose, code and chat in 8 languages). Plain "
               "text; lines '<<<document>>>' separate documents. The card names the file.")
+@click.option("--target-bpw", type=float, help="Mixed precision within this many bits per weight (e.g. 4.5): "
+              "each layer's width (2-8 bits, group size --q-group-size) chosen by its measured sensitivity on the "
+              "calibration text, the widths that remove the most estimated loss per added bit first; a tied "
+              "embedding counts as the output layer. Implies --quantize; the card and log state the allocation "
+              "and the bits per weight achieved.")
 @click.option("--dtype", type=click.Choice(DTYPES), help="Float dtype of unquantized weights (default: the "
               "checkpoint's `torch_dtype`/`dtype`).")
 @click.option("-d", "--dequantize", is_flag=True, help="Turn an MLX-quantized model back into floats.")

@@ -32,6 +32,7 @@ class ConvertPlan:
     quant_recipe: Optional[str] = None
     q_method: Optional[str] = None  # None: the default (`method`)
     calibration_file: Optional[Path] = None  # None: the built-in calibration text
+    target_bpw: Optional[float] = None  # mixed precision by measured sensitivity within this budget (allocate.py)
     dtype: Optional[str] = None
     dequantize: bool = False
     upload_repo: Optional[str] = None
@@ -44,8 +45,8 @@ class ConvertPlan:
     token: Optional[str] = field(default=None, repr=False)  # never printed
 
     def __post_init__(self):
-        if (self.quant_recipe or self.q_mode in FP_MODES) and not self.quantize:
-            object.__setattr__(self, "quantize", True)  # a recipe or a block format is a request to quantize
+        if (self.quant_recipe or self.q_mode in FP_MODES or self.target_bpw) and not self.quantize:
+            object.__setattr__(self, "quantize", True)  # a recipe, block format or budget is a request to quantize
         if self.quantize:
             bits, group = self._quant_defaults()
             object.__setattr__(self, "q_bits", bits)
@@ -67,6 +68,8 @@ class ConvertPlan:
         """`4bit`, `mxfp4`, `mixed_4_6`, `dequantized`, `bf16`, ...; None for a float output of the source's dtype."""
         if self.quant_recipe:
             return self.quant_recipe
+        if self.target_bpw:
+            return f"{self.target_bpw:g}bpw"
         if self.quantize:
             return f"{self.q_bits}bit" if self.q_mode == "affine" else self.q_mode
         if self.dequantize:
@@ -74,6 +77,8 @@ class ConvertPlan:
         return SHORT_DTYPES.get(self.dtype)
 
     def _quant_defaults(self):
+        if self.target_bpw is not None:
+            return self._budget_defaults()
         if self.q_mode in FP_MODES:
             bits, group = FP_MODES[self.q_mode]
             if self.q_bits not in (None, bits) or self.q_group_size not in (None, group):
@@ -86,6 +91,25 @@ class ConvertPlan:
                                    f"--q-bits {self.q_bits}")
             return low, self.q_group_size or 64
         return self.q_bits or 4, self.q_group_size or 64
+
+    def _budget_defaults(self):
+        """--target-bpw: the bits entry is the widest uniform width within the budget (the allocation's base)."""
+        if self.quant_recipe or self.q_mode != "affine":
+            raise ConvertError("--target-bpw chooses affine widths per layer: drop --quant-recipe / --q-mode")
+        try:
+            target = float(self.target_bpw)
+        except (TypeError, ValueError):
+            raise ConvertError(f"--target-bpw {self.target_bpw} is not a number of bits per weight") from None
+        group = self.q_group_size or 64
+        if not AFFINE_BITS[0] < target < 9:
+            raise ConvertError(f"--target-bpw {target:g} is outside what affine widths give ({AFFINE_BITS[0]} to 8 "
+                               "bits per weight plus scales and biases)")
+        object.__setattr__(self, "target_bpw", target)
+        fits = [b for b in AFFINE_BITS if b + 32 / group <= target]
+        base = fits[-1] if fits else AFFINE_BITS[0]
+        if self.q_bits not in (None, base):
+            raise ConvertError(f"--target-bpw sets each layer's bits: drop --q-bits {self.q_bits}")
+        return base, group
 
     @property
     def method(self) -> str:
@@ -150,13 +174,15 @@ class ConvertPlan:
 
     @property
     def recipe_name(self) -> str:
+        if self.quantize and self.target_bpw:
+            return f"affine mixed precision within {self.target_bpw:g} bits per weight, group size {self.q_group_size}"
         if self.quantize:
             return self.quant_recipe or f"{self.q_mode} {self.q_bits}-bit, group size {self.q_group_size}"
         return "dequantized" if self.dequantize else "float"
 
 
 # What --variants replaces (each variant says it); the other options apply to every variant where they mean something.
-VARIANT_OWNED = ("quantize", "q_bits", "q_mode", "quant_recipe", "dequantize")
+VARIANT_OWNED = ("quantize", "q_bits", "q_mode", "quant_recipe", "dequantize", "target_bpw")
 
 
 def variant_plans(flags: dict, specs: str) -> list:

@@ -26,6 +26,7 @@ class QuantReport:
     method: str = ""  # how the codes were chosen: rtn, search or gptq
     method_description: str = ""  # the same, with the calibration text, for the model card
     calibration: Optional[object] = None  # calibrate.CalibrationReport for the gptq and search methods
+    allocation: Optional[object] = None  # allocate.Allocation for --target-bpw
 
 
 def build_model(config: dict, weights: dict):
@@ -125,27 +126,38 @@ def quantize(model, plan: ConvertPlan, tokenizer_folder=None, log=None, scratch=
     settings, skipped = layer_settings(model, plan)
     excluded = excluded_layers(model)
     log = log or (lambda message: None)
-    calibration, method = None, quantization_method(model, plan, settings, tokenizer_folder, log)
+    calibration, allocation = None, None
+    method = quantization_method(model, plan, settings, tokenizer_folder, log)
     affine = {path: params for path, params in settings.items() if params["mode"] == "affine"}
+    default = {"group_size": plan.q_group_size, "bits": plan.q_bits, "mode": plan.q_mode}
+    if plan.target_bpw and affine:
+        from . import allocate
+
+        batches = calibration_batches(model, plan, affine, tokenizer_folder, "--target-bpw")
+        allocation = allocate.allocate(model, affine, plan.target_bpw, batches, target_dtype_of(model, affine), log)
+        for path, bits in allocation.bits.items():
+            settings[path] = affine[path] = {**affine[path], "bits": bits}
+        widths = [params["bits"] for params in affine.values()]
+        default["bits"] = max(set(widths), key=widths.count)  # the config's default: the commonest width
     if method != "rtn" and affine:
         calibration = calibrated(model, plan, method, affine, tokenizer_folder, scratch)
         log(f"quantization: {calibration.summary()}")
     modules = dict(model.named_modules())
     rest = {path: params for path, params in settings.items() if hasattr(modules[path], "to_quantized")}
     nn.quantize(model, class_predicate=lambda path, module: rest.get(path, False))
-    default = {"group_size": plan.q_group_size, "bits": plan.q_bits, "mode": plan.q_mode}
     # mlx-lm reads per-layer entries: a dict where a layer differs from the default, False where it stays float.
     overrides = {path: params for path, params in settings.items() if params != default}
     overrides.update({path: False for path in [*excluded, *skipped]})
     return QuantReport(config={**default, **overrides}, skipped=[f"{p} ({why})" for p, why in skipped.items()],
-                       excluded=excluded, method=method, method_description=plan.describe_method(method),
-                       calibration=calibration)
+                       excluded=excluded, method=method, calibration=calibration, allocation=allocation,
+                       method_description=plan.describe_method(method) + (f"; {allocation.summary()}"
+                                                                          if allocation else ""))
 
 
 def quantization_method(model, plan: ConvertPlan, settings: dict, tokenizer_folder, log) -> str:
     """The plan's method; by default round to nearest where calibration cannot run: without a tokenizer for the
-    calibration text, or for models with layers it would have to hold whole (mixture-of-experts: a layer's experts
-    can outgrow memory, and they are not calibrated yet)."""
+    calibration text, or for models with quantized layers that calibration does not handle (calibrate.handles:
+    linear layers, embeddings and stacked experts, each expert on the tokens routed to it, are handled)."""
     from .calibrate import handles
     from .checks import TOKENIZER_FILES
 
@@ -157,7 +169,7 @@ def quantization_method(model, plan: ConvertPlan, settings: dict, tokenizer_fold
     if tokenizer_folder is None or not any((Path(tokenizer_folder) / f).is_file() for f in TOKENIZER_FILES):
         why = "the source has no tokenizer to read the calibration text with"
     elif whole:
-        why = (f"it would hold whole layers of experts in memory ({whole[0]}...), which it does not calibrate yet; "
+        why = (f"it does not calibrate layers such as {whole[0]} ({type(modules[whole[0]]).__name__}); "
                f"--q-method {plan.method} calibrates the other layers anyway")
     if why:
         log(f"quantization: round to nearest (rtn), the default for this model: no {plan.method} because {why}")
@@ -167,6 +179,14 @@ def quantization_method(model, plan: ConvertPlan, settings: dict, tokenizer_fold
 
 def calibrated(model, plan: ConvertPlan, method: str, settings: dict, tokenizer_folder, scratch=None):
     """Quantize the layers in `settings` with a calibrated method; returns the CalibrationReport."""
+    from . import calibrate
+
+    batches = calibration_batches(model, plan, settings, tokenizer_folder, f"--q-method {method}")
+    return calibrate.LayerwiseQuantizer(model, settings, method, scratch).run(batches)
+
+
+def calibration_batches(model, plan: ConvertPlan, settings: dict, tokenizer_folder, option: str) -> list:
+    """The calibration text's token batches for the layers in `settings` (`option` names what needs them)."""
     from transformers import AutoTokenizer
 
     from . import calibrate
@@ -174,12 +194,17 @@ def calibrated(model, plan: ConvertPlan, method: str, settings: dict, tokenizer_
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_folder))
     except (OSError, ValueError, TypeError) as e:
-        raise ConvertError(f"--q-method {method} needs the model's tokenizer to read its calibration text, and "
+        raise ConvertError(f"{option} needs the model's tokenizer to read its calibration text, and "
                            f"{tokenizer_folder} has none that loads ({str(e).splitlines()[0][:120]}); add the "
                            "tokenizer files or use --q-method rtn") from None
     widest = max(m.weight.shape[-1] for path, m in model.named_modules() if path in settings)
-    batches = calibrate.Calibration.of(plan.calibration_file).batches(tokenizer, model.args.vocab_size, widest)
-    return calibrate.LayerwiseQuantizer(model, settings, method, scratch).run(batches)
+    return calibrate.Calibration.of(plan.calibration_file).batches(tokenizer, model.args.vocab_size, widest)
+
+
+def target_dtype_of(model, settings: dict) -> str:
+    """The float dtype the quantized layers' scales and biases are stored in (their weights' dtype)."""
+    modules = dict(model.named_modules())
+    return str(modules[next(iter(settings))].weight.dtype).rpartition(".")[2]
 
 
 def source_quantization(model) -> QuantReport:

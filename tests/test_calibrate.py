@@ -34,13 +34,13 @@ def source(tmp_path_factory):
                            num_hidden_layers=3, tie_word_embeddings=False)
 
 
-def quantized_in_memory(src, scratch=None, **options):
+def quantized_in_memory(src, scratch=None, log=None, **options):
     """(model, QuantReport) of the pipeline's build + cast + quantize stages, without saving."""
     config = json.loads((Path(src) / "config.json").read_text())
     model = q.build_model(config, mx.load(str(Path(src) / "model.safetensors")))
     q.cast(model, "bfloat16")
     plan = ConvertPlan(hf_path=str(src), quantize=True, **options)
-    return model, q.quantize(model, plan, src, scratch=scratch)
+    return model, q.quantize(model, plan, src, log=log, scratch=scratch)
 
 
 # ---------------------------------------------------------------------------------------------------- format
@@ -138,7 +138,7 @@ def layout(folder) -> dict:
 
 @pytest.mark.parametrize("model_type,overrides", [
     ("gpt2", {}),  # fused qkv, biases, position embeddings added to the token embeddings
-    ("mixtral", dict(num_local_experts=4)),  # experts are not calibrated (rounded to nearest); router excluded
+    ("mixtral", dict(num_local_experts=4)),  # experts calibrated per expert; router excluded
     ("gemma2", dict(head_dim=16)),  # tied head, scaled embeddings, soft-capping, sliding layers
 ])
 def test_gptq_through_other_families(tmp_path, model_type, overrides):
@@ -187,17 +187,38 @@ def test_default_method(options, method):
     assert ConvertPlan(hf_path="x", quantize=True, **options).method == method
 
 
-def test_mixture_of_experts_defaults_to_round_to_nearest(tmp_path):
-    """Calibration would hold a whole layer's experts (not streamed yet): by default such models are rounded to
-    nearest, and the log says why; asked for, gptq calibrates the other layers."""
-    src = make_checkpoint(tmp_path / "src", "mixtral", dtype="bfloat16", num_local_experts=4)
+@pytest.mark.parametrize("model_type,overrides", [
+    ("mixtral", dict(num_local_experts=4)),
+    ("qwen3_moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=32,
+                       norm_topk_prob=True)),
+])
+def test_experts_are_calibrated_on_their_routed_tokens(tmp_path, monkeypatch, model_type, overrides):
+    """By default MoE models are calibrated too: each expert by gptq on the rows routed to it, below round to
+    nearest's error there; experts with too few routed tokens get the search method, and the log counts them. The
+    output passes the gate and mlx-lm computes our logits from it."""
+    src = make_checkpoint(tmp_path / "src", model_type, dtype="bfloat16", **overrides)
+    _, report = quantized_in_memory(src, q_group_size=32)
+    experts = report.calibration.expert_errors
+    assert report.method == "gptq" and experts
+    assert all(n < calibrate.MIN_EXPERT_TOKENS for n in report.calibration.fallback.values())
+    worse = {name: e for name, e in experts.items() if not e[0] < e[1]}
+    assert not worse, worse
+    assert {name.rsplit("#", 1)[0].rsplit(".", 1)[1] for name in experts} == {"gate_proj", "up_proj", "down_proj"}
+    # a threshold above some experts' share of the tokens: those fall back, and are counted
+    tokens = report.calibration.expert_tokens
+    monkeypatch.setattr(calibrate, "MIN_EXPERT_TOKENS", int(np.median(list(tokens.values()))) + 1)
     messages = []
-    result = run(ConvertPlan(hf_path=str(src), mlx_path=tmp_path / "out", quantize=True, q_group_size=32,
-                             skip_validation=True), log=messages.append)
-    assert any("round to nearest (rtn), the default for this model" in m for m in messages)
-    model, report = quantized_in_memory(src, q_method="gptq", q_group_size=32)
-    assert report.method == "gptq" and "model.layers.0.self_attn.q_proj" in report.calibration.errors
-    assert not any("switch_mlp" in p for p in report.calibration.errors)
+    _, report = quantized_in_memory(src, q_group_size=32, log=messages.append)
+    fallback, calibrated = report.calibration.fallback, report.calibration.expert_errors
+    assert fallback and calibrated and len(fallback) + len(calibrated) == len(tokens)
+    assert all(n < calibrate.MIN_EXPERT_TOKENS for n in fallback.values())
+    assert all(report.calibration.expert_tokens[name] >= calibrate.MIN_EXPERT_TOKENS for name in calibrated)
+    line = next(m for m in messages if "experts:" in m)
+    assert f"{len(fallback)} with fewer than {calibrate.MIN_EXPERT_TOKENS} routed tokens quantized by the search" in line
+    monkeypatch.undo()
+    result = convert_with(src, tmp_path / "out", quantize=True, q_group_size=32)
+    assert result.validation.passed, result.validation.failures
+    assert rel_error(mlx_lm_logits(result.path), ours(result.path)) <= 1e-6
 
 
 @pytest.mark.parametrize("options,message", [
