@@ -387,6 +387,16 @@ def converted_parameters(model, reader) -> dict:
     return {name: (group, name) for group in groups.values() for name in group.names(params)}
 
 
+def layer_count(model) -> int:
+    """How many decoder layers the model builds: the count its config holds under the key transformers' own
+    hidden-state recorder reads (`num_layers` where `num_hidden_layers` counts two attention blocks per layer, as
+    LongCat-Flash's does), else `num_hidden_layers`."""
+    config = model.config.get_text_config()
+    recorder = (getattr(model, "_can_record_outputs", None) or {}).get("hidden_states")
+    return getattr(config, getattr(recorder, "num_hidden_layers_key", "num_hidden_layers"), None) \
+        or config.num_hidden_layers
+
+
 def decoder_layers(model, n_layers: int):
     """The ModuleList of decoder layers (named differently per family: model.layers, transformer.h, ...)."""
     for _, module in text_modules(model).named_modules():
@@ -414,7 +424,7 @@ class StreamedForward:
         self.layer_outputs = []
         self.on_layer = lambda index: None  # called as each decoder layer finishes (progress)
         # a multimodal container's own config has no layer count: its text model's has (`text_config` twin)
-        layers = decoder_layers(model, model.config.get_text_config().num_hidden_layers)
+        layers = decoder_layers(model, layer_count(model))
         self._names = {id(m): n for n, m in model.named_modules()}
         self._loaded = {}  # id(module) -> the parameters its pre-hook loaded (released by its post-hook)
         self._load_buffers(model, reader)

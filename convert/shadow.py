@@ -71,7 +71,8 @@ def shrink(config: dict, config_class, widths: bool = True) -> dict:
     key = lambda name: _key(config_class, name)  # noqa: E731
     heads, hidden = config.get(key("num_attention_heads")), config.get(key("hidden_size"))
     types = config.get(key("layer_types"))
-    n = config.get(key("num_hidden_layers")) or len(types or ())  # some configs only list the layers
+    # some configs only list the layers; some classes derive the count from other keys
+    n = config.get(key("num_hidden_layers")) or len(types or ()) or derived_layers(config, config_class)
     if not (heads and hidden and n):
         raise ValueError("config has no hidden_size / num_attention_heads / num_hidden_layers")
     if widths:
@@ -89,6 +90,14 @@ def shrink(config: dict, config_class, widths: bool = True) -> dict:
     return config
 
 
+def derived_layers(config: dict, config_class) -> int:
+    """`num_hidden_layers` where the config class computes it rather than storing it (LongCat-Flash's is twice its
+    `num_layers`; setting it sets them, as `shrink` does); 0 elsewhere."""
+    if isinstance(getattr(config_class, "num_hidden_layers", None), property):
+        return config_class.from_dict(config).num_hidden_layers
+    return 0
+
+
 def shrink_widths(config: dict, key, heads: int, hidden: int):
     """HEADS attention heads of the same head size, MLP widths WIDTH."""
     head_dim = config.get("head_dim") or hidden // heads
@@ -98,7 +107,7 @@ def shrink_widths(config: dict, key, heads: int, hidden: int):
     config[key("num_attention_heads")] = HEADS
     config[key("hidden_size")] = HEADS * head_dim
     for width in ("intermediate_size", "n_inner", "ffn_hidden_size", "moe_intermediate_size",
-                  "shared_expert_intermediate_size"):
+                  "shared_expert_intermediate_size", "expert_ffn_hidden_size"):
         if config.get(width):
             config[width] = WIDTH
 

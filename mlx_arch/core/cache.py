@@ -10,6 +10,7 @@ always describes exactly the keys that the following `update_and_fetch` returns.
   the same chunk of `chunk_size` tokens (k // chunk_size == p // chunk_size), so the cache keeps only the tokens of
   the chunk the next token falls in.
 - `StateCache`: the fixed-size state of a recurrent layer (no per-token history, not trimmable).
+- `CacheList`: the caches of a decoder layer holding several attention blocks (LongCat-Flash), one per block.
 - `RotatingKVCache`: keeps at most `max_size` tokens: the first `keep` ("sink") tokens plus the latest
   `max_size - keep` ones. A query at absolute position p therefore sees key k iff
   k <= p and (k < keep or p - k < max_size - keep), further restricted to p - k < window_size when the model
@@ -516,6 +517,49 @@ class StateCache:
     @meta_state.setter
     def meta_state(self, v):
         self.seen = int(v[0])
+
+
+class CacheList:
+    """One decoder layer's caches when the layer holds several attention blocks (LongCat-Flash has two), indexed
+    like the blocks. They see the same tokens, so the layer's token offset and mask are its first cache's."""
+
+    def __init__(self, *caches):
+        self.caches = list(caches)
+
+    def __getitem__(self, i: int):
+        return self.caches[i]
+
+    def __len__(self) -> int:
+        return len(self.caches)
+
+    @property
+    def offset(self) -> int:
+        return self.caches[0].offset
+
+    def make_mask(self, N: int, window_size: Optional[int] = None):
+        return self.caches[0].make_mask(N, window_size=window_size)
+
+    def empty(self) -> bool:
+        return self.caches[0].empty()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.nbytes for c in self.caches)
+
+    def is_trimmable(self) -> bool:
+        return all(c.is_trimmable() for c in self.caches)
+
+    def trim(self, n: int) -> int:
+        return [c.trim(n) for c in self.caches][0]
+
+    @property
+    def state(self) -> list:
+        return [c.state for c in self.caches]
+
+    @state.setter
+    def state(self, v: list):
+        for c, s in zip(self.caches, v):
+            c.state = s
 
 
 def make_prompt_cache(model: Any, max_kv_size: Optional[int] = None) -> list:

@@ -19,7 +19,8 @@ same scores without expanding the whole cache.
 The rotary part rotates interleaved pairs (`rope_interleave`, the default) or halves; transformers' interleaved
 rotation returns the pairs de-interleaved, a permutation shared by queries and keys that leaves q.k unchanged.
 YaRN (and any scaled RoPE) with `mscale_all_dim` also scales the softmax by mscale(factor, mscale_all_dim)^2
-(`softmax_scale`).
+(`softmax_scale`). LongCat-Flash also multiplies the queries (`q_scale`) and the normed latent, before it is cached
+(`latent_scale`), by constants.
 """
 
 import math
@@ -208,9 +209,11 @@ class LatentAttention(nn.Module):
 
     def __init__(self, hidden_size: int, n_heads: int, q_lora_rank: Optional[int], kv_lora_rank: int,
                  qk_nope_head_dim: int, qk_rope_head_dim: int, v_head_dim: int, rope: nn.Module, scale: float,
-                 bias: bool = False, indexer: Optional[Indexer] = None, split_kv: bool = True):
+                 bias: bool = False, indexer: Optional[Indexer] = None, split_kv: bool = True,
+                 q_scale: float = 1.0, latent_scale: float = 1.0):
         super().__init__()
         self.n_heads, self.kv_lora_rank, self.scale = n_heads, kv_lora_rank, scale
+        self.q_scale, self.latent_scale = q_scale, latent_scale
         self.nope, self.rope_dims, self.v_dims = qk_nope_head_dim, qk_rope_head_dim, v_head_dim
         q_dims = n_heads * (qk_nope_head_dim + qk_rope_head_dim)
         if q_lora_rank is None:
@@ -240,6 +243,8 @@ class LatentAttention(nn.Module):
             resid = self.q_a_layernorm(self.q_a_proj(x))
             q = self.q_b_proj(resid)
         q = q.reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
+        if self.q_scale != 1.0:
+            q = q * self.q_scale
         return q[..., : self.nope], q[..., self.nope :], resid
 
     def __call__(self, x, mask=None, cache=None):
@@ -248,6 +253,8 @@ class LatentAttention(nn.Module):
         q_nope, q_rope, q_resid = self.queries(x)
         latent, k_rope = mx.split(self.kv_a_proj_with_mqa(x), [self.kv_lora_rank], axis=-1)
         latent = self.kv_a_layernorm(latent)[:, None]  # (B, 1, L, rank)
+        if self.latent_scale != 1.0:
+            latent = latent * self.latent_scale
         k_rope = self.rope(k_rope[:, None], offset=offset)
         q_rope = self.rope(q_rope, offset=offset)
         indexer = self.get("indexer")

@@ -17,7 +17,8 @@ activations' dtype (transformers routes in float32 too):
                  minimax_m2);
   softmax_topk_pnorm      softmax_topk divided by the weights' p-norm, or not at all (dbrx);
   softmax_topk_corrected  softmax probabilities, chosen by probability + correction bias, weighted by the
-                 probabilities renormalised (ERNIE 4.5);
+                 probabilities renormalised (ERNIE 4.5), or not renormalised, times a routed scaling factor
+                 (LongCat-Flash);
   softmax_group_topk      softmax, the top k within the groups holding the most probable experts, times a routed
                  scaling factor, not renormalised (DeepSeek-V2).
 
@@ -70,13 +71,16 @@ def softmax_topk_pnorm(logits: mx.array, k: int, p: Optional[float] = 1.0):
     return indices, weights
 
 
-def softmax_topk_corrected(logits: mx.array, k: int, correction_bias: mx.array, norm_min: float = 1e-12):
+def softmax_topk_corrected(logits: mx.array, k: int, correction_bias: mx.array, norm_min: float = 1e-12,
+                           normalize: bool = True, scaling: float = 1.0):
     """Softmax over every expert; the k chosen by probability + `correction_bias`, weighted by their plain
-    probabilities divided by their sum (floored at `norm_min`)."""
+    probabilities divided by their sum (floored at `norm_min`) when `normalize`, times `scaling`."""
     probs = mx.softmax(logits.astype(mx.float32), axis=-1)
     indices = _top_k(probs + correction_bias.astype(mx.float32), k)
     weights = mx.take_along_axis(probs, indices, axis=-1)
-    return indices, weights / mx.maximum(weights.sum(axis=-1, keepdims=True), norm_min)
+    if normalize:
+        weights = weights / mx.maximum(weights.sum(axis=-1, keepdims=True), norm_min)
+    return indices, weights * scaling
 
 
 def topk_softmax(logits: mx.array, k: int):
