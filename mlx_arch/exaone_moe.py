@@ -17,14 +17,13 @@ when no layer slides (transformers never does while `sliding_window` is set, whi
 drops rather than excludes the groups left out."""
 
 from dataclasses import dataclass
-from functools import partial
 from typing import Optional
 
 import mlx.nn as nn
 
-from . import exaone4, llama
+from . import deepseek_v3, exaone4, llama
 from .core.layers import MLP
-from .core.moe import RoutedModel, SparseMoE, mlp_kinds, sigmoid_topk, stack_experts
+from .core.moe import RoutedModel, SparseMoE, mlp_kinds, stack_experts
 from .core.weights import Drop, Move
 
 
@@ -49,13 +48,13 @@ class ModelArgs(exaone4.ModelArgs):
 class Model(RoutedModel, exaone4.Model):
     layer = llama.Model.layer  # pre-norm blocks, unlike EXAONE 4.0's
 
+    route = deepseek_v3.Model.route  # DeepSeek-V3's router with this config's settings
+
     def mlp(self, index: int) -> nn.Module:
         a = self.args
         if a.mlp_layer_types[index] == "dense":
             return super().mlp(index)
-        route = partial(sigmoid_topk, k=a.num_experts_per_tok, scaling=a.routed_scaling_factor,
-                        normalize=a.norm_topk_prob, n_group=a.n_group, topk_group=a.topk_group)
-        return SparseMoE(a.hidden_size, a.moe_intermediate_size, a.num_experts, route, a.hidden_act,
+        return SparseMoE(a.hidden_size, a.moe_intermediate_size, a.num_experts, self.route(), a.hidden_act,
                          shared=MLP(a.hidden_size, a.moe_intermediate_size * a.num_shared_experts, a.hidden_act),
                          shared_name="shared_experts", correction_bias="gate.e_score_correction_bias")
 

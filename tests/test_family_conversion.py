@@ -24,6 +24,9 @@ MLX_LM_OTHER_FORMAT = {"olmo": "mlx-lm's olmo reads ai2-olmo's layout (d_model, 
                        # transformers wins where the two disagree
                        "ernie4_5_moe": "mlx-lm drops e_score_correction_bias, which transformers routes with (zeroing "
                                        "it in our output makes mlx-lm's logits equal ours)",
+                       "mimo_v2_flash": "mlx-lm's sliding layers attend over sliding_window_size tokens, transformers' "
+                                        "over one more (the query besides that many earlier tokens); it reads our "
+                                        "layout (tests/test_mlx_lm_config_export.py, with a window past the probe)",
                        "llama4_text": "mlx-lm's llama4_text is another model (dense, no chunked attention, no NoPE "
                                       "temperature, head named `output`); its llama4 container reads our layout under "
                                       "`language_model.`",
