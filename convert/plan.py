@@ -117,8 +117,8 @@ class ConvertPlan:
         SmolLM2-135M, group 64, held-out text: KL to the float model 27% of round-to-nearest's at 4 bits, 31% at 3;
         search 36% and 42%; scripts/bench_quality.py),
         round to nearest at 8 bits, where its error is already negligible, and for the block floating-point formats,
-        which only it can write. (`quantize` also keeps round to nearest by default for models whose layers
-        calibration cannot stream yet: mixture-of-experts.)"""
+        which only it can write. (`quantize` also keeps round to nearest by default for sources without a tokenizer
+        and models with quantized layers that calibration does not handle.)"""
         if self.q_method:
             return self.q_method
         return "gptq" if self.quantize and self.q_mode == "affine" and self.q_bits < 8 else "rtn"
