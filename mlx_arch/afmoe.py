@@ -10,7 +10,7 @@ plus an ungated shared MLP of moe_intermediate_size * `num_shared_experts`.
 
 Module names are the checkpoint's and mlx-lm's (`mlp.router.gate`, `mlp.expert_bias`, experts stacked under
 `mlp.experts`). transformers keeps `expert_bias` in float32: so do we. mlx-lm's afmoe has no attention biases
-(`attention_bias`) and does not renormalise a single chosen expert."""
+(`attention_bias`), does not renormalise a single chosen expert and computes SiLU MLPs whatever `hidden_act` says."""
 
 from dataclasses import dataclass
 from functools import partial

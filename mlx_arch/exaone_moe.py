@@ -13,8 +13,8 @@ Hub configs also say `is_moe_layer`, which ExaoneMoeConfig does not read (nor do
 which transformers ignores: dropped.
 
 mlx-lm's exaone_moe reads `is_moe_layer` and `head_dim` (both written by the export); it rotates the global layers
-when no layer slides (transformers never does while `sliding_window` is set, which ExaoneMoeConfig requires), and
-drops rather than excludes the groups left out."""
+when no layer slides (transformers never does while `sliding_window` is set, which ExaoneMoeConfig requires),
+drops rather than excludes the groups left out and computes SiLU MLPs whatever `hidden_act` says."""
 
 from dataclasses import dataclass
 from typing import Optional

@@ -51,9 +51,10 @@ def test_mimo_v2_flash_ignores_top_level_rope_keys_like_its_config_class():
     assert ours == theirs
 
 
-def test_mimo_v2_flash_expert_count_alias():
-    ours, theirs = derived("mimo_v2_flash", ("n_routed_experts",), num_hidden_layers=2, num_local_experts=12)
-    assert ours == theirs == [12]
+def test_mimo_v2_flash_expert_count_alias_and_null_scaling():
+    ours, theirs = derived("mimo_v2_flash", ("n_routed_experts", "routed_scaling_factor"), num_hidden_layers=2,
+                           num_local_experts=12, routed_scaling_factor=None)
+    assert ours == theirs == [12, 1.0]
 
 
 def test_mimo_v2_flash_refuses_odd_rotary_dims():
