@@ -60,3 +60,67 @@ def test_mlx_lm_reads_our_jamba_layout(tmp_path):
     out = convert(str(src), tmp_path / "out").path
     tokens = probe_tokens(320, 20)
     assert rel_error(mlx_lm_logits(out, tokens), ours(out, tokens)) <= 1e-4
+
+
+# --- falcon_h1 ----------------------------------------------------------------------------------------------------
+
+
+def test_falcon_h1_layer_cache_holds_keys_and_state(tmp_path):
+    """Each layer's one cache serves its attention (offset, keys) and its Mamba-2 mixer (conv inputs, state); it
+    cannot be rewound, and its state round-trips."""
+    from mlx_arch.core.ssm import KVStateCache
+
+    _, model, config, _ = build_case(tmp_path, BY_ID["falcon_h1"], "v5")
+    tokens = probe_tokens(config["vocab_size"], 33, batch=2, seed=1)
+    _, cache = _prefill_then_steps(model, tokens)
+    c = cache[0]
+    assert isinstance(c, KVStateCache) and c.offset == 33 and c.recurrent.seen == 33
+    assert c.keys.shape[2] >= 33 and c[0].shape[1] == config["mamba_d_conv"] - 1 and c[1].ndim == 4
+    assert not c.is_trimmable()
+    with pytest.raises(ValueError, match="cannot be rewound"):
+        c.trim(1)
+    copy = KVStateCache()
+    copy.state, copy.meta_state = c.state, c.meta_state
+    assert copy.offset == 33 and mx.array_equal(copy[1], c[1])
+    assert copy.nbytes == copy.keys.nbytes + copy.values.nbytes + copy[0].nbytes + copy[1].nbytes
+    # The next token through the restored caches equals the next token through the originals.
+    restored = [KVStateCache() for _ in cache]
+    for new, old in zip(restored, cache):
+        new.state, new.meta_state = old.state, old.meta_state
+    nxt = mx.array(tokens[:, -1:])
+    assert mx.array_equal(model(nxt, cache=restored), model(nxt, cache=cache))
+
+
+def test_falcon_h1_config_reads_as_falcon_h1_config():
+    """mamba_d_ssm (None: mamba_expand * hidden_size), mamba_d_head "auto", the multiplier lists' defaults and the
+    Hub's keys that transformers ignores (mamba_use_mlp, mlp_expansion_factor), in both config styles."""
+    from transformers import FalconH1Config
+
+    from mlx_arch import falcon_h1
+
+    hub = dict(hidden_size=64, num_attention_heads=4, mamba_d_ssm=None, mamba_n_heads=8, mamba_expand=3,
+               head_dim=24, rope_theta=1e11, mamba_use_mlp=True, mlp_expansion_factor=8, time_step_min=0.001)
+    theirs = FalconH1Config(**hub)
+    ours = falcon_h1.ModelArgs.from_dict({"model_type": "falcon_h1", **hub})
+    assert ours.mamba_d_ssm == 192 and ours.mamba_d_head == theirs.mamba_d_head == 24
+    assert ours.head_dim == theirs.head_dim and ours.rope_theta == theirs.rope_parameters["rope_theta"]
+    assert ours.mlp_multipliers == theirs.mlp_multipliers and ours.ssm_multipliers == theirs.ssm_multipliers
+    v5 = falcon_h1.ModelArgs.from_dict({"model_type": "falcon_h1", "rope_parameters": {"rope_theta": 5.0}})
+    assert v5.rope_theta == 5.0 and v5.mamba_d_ssm == 1024 and v5.mamba_d_head == 8
+    with pytest.raises(ValueError, match="mamba_d_ssm"):
+        falcon_h1.ModelArgs.from_dict({"mamba_d_ssm": 100, "mamba_n_heads": 8, "mamba_d_head": 12})
+
+
+def test_falcon_h1_multipliers_folded_once_and_given_back(tmp_path):
+    """sanitize folds every multiplier into its weights (what mlx-lm reads), leaves folded weights alone, and the
+    inverse rules give back the checkpoint's tensors."""
+    from mlx_arch.core.weights import apply_rules, inverse
+
+    path, model, _, weights = build_case(tmp_path, BY_ID["falcon_h1"], "v5")
+    once = model.sanitize(dict(weights))
+    k = "model.layers.0.self_attn.k_proj.weight"
+    assert mx.allclose(once[k], weights[k] * 1.3 * 0.8, rtol=1e-6, atol=0)
+    assert mx.allclose(once["model.embed_tokens.weight"], weights["model.embed_tokens.weight"] * 1.7)
+    assert all(mx.array_equal(v, once[key]) for key, v in model.sanitize(dict(once)).items())
+    back = apply_rules(dict(once), inverse(model.weight_rules()))
+    assert all(mx.allclose(back[key], weights[key], rtol=1e-6, atol=1e-7) for key in weights)

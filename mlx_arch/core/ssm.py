@@ -20,7 +20,7 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from .cache import StateCache
+from .cache import KVCache, StateCache
 from .conv import causal_conv, depthwise_conv
 from .kinds import KindedLayer, LayerKind
 
@@ -330,3 +330,52 @@ class SSMModel:
             return False
         parent = getattr(super(), "quant_predicate", None)
         return parent(path, module) if parent is not None else True
+
+
+class KVStateCache(KVCache):
+    """The cache of a layer that runs attention and a state-space mixer side by side on the same tokens (Falcon-H1):
+    a KVCache for the attention (offset, mask, keys and values) that also holds the mixer's state slots
+    (`cache[0]`, `cache[1]`, `advance`, as a StateCache). Not trimmable: the state cannot be rewound."""
+
+    def __init__(self, slots: int = 2):
+        super().__init__()
+        self.recurrent = StateCache(slots)
+
+    def __getitem__(self, i: int):
+        return self.recurrent[i]
+
+    def __setitem__(self, i: int, value):
+        self.recurrent[i] = value
+
+    def advance(self, n: int):
+        self.recurrent.advance(n)
+
+    def is_trimmable(self) -> bool:
+        return False
+
+    def trim(self, n: int) -> int:
+        return self.recurrent.trim(n)
+
+    def to_quantized(self, group_size: int = 64, bits: int = 8):
+        raise NotImplementedError("KVStateCache has no quantized variant (it also holds a recurrent state)")
+
+    @property
+    def nbytes(self) -> int:
+        return super().nbytes + self.recurrent.nbytes()
+
+    @property
+    def state(self) -> list:
+        return [KVCache.state.fget(self), self.recurrent.state]
+
+    @state.setter
+    def state(self, v: list):
+        KVCache.state.fset(self, v[0])
+        self.recurrent.state = v[1]
+
+    @property
+    def meta_state(self) -> tuple:
+        return self.recurrent.meta_state
+
+    @meta_state.setter
+    def meta_state(self, v):
+        self.recurrent.meta_state = v
