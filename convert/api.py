@@ -33,6 +33,7 @@ class ConvertResult:
     validation: Optional[validate.Report] = None
     published: Optional[object] = None
     container: Optional[dict] = None  # a multimodal source: its text model and the weights dropped (containers.py)
+    dropped_by_rules: dict = field(default_factory=dict)  # {reason: tensors} the architecture drops by declaration
 
 
 def convert(hf_path: str, mlx_path=None, *, revision: Optional[str] = None, quantize: bool = False,
@@ -156,6 +157,7 @@ class Converted:
     quant: q.QuantReport
     n_params: int
     container: Optional[dict] = None
+    dropped_by_rules: dict = field(default_factory=dict)
 
 
 def convert_weights(plan: ConvertPlan, src, weights: dict, log) -> Converted:
@@ -165,6 +167,9 @@ def convert_weights(plan: ConvertPlan, src, weights: dict, log) -> Converted:
     if container:
         log(containers.describe(container))
     model = q.build_model(src.config, weights)
+    drops = declared_drops(model, weights)
+    for why, count in drops.items():
+        log(f"dropped by the architecture's rules: {count} tensor(s) ({why})")
     dtype = q.target_dtype(plan, src.config)
     quant = q.QuantReport()
     if plan.dequantize or plan.quantize:
@@ -185,7 +190,25 @@ def convert_weights(plan: ConvertPlan, src, weights: dict, log) -> Converted:
         config.setdefault("tie_word_embeddings", tied)
     # Only the flat dict may keep the arrays alive: the shards evaluate and release them one by one.
     return Converted(dict(tree_flatten(model.parameters())), config, dtype, quant, q.parameter_count(model),
-                     container)
+                     container, drops)
+
+
+def declared_drops(model, weights: dict) -> dict:
+    """{reason: tensors} of the checkpoint that the architecture's weight rules drop by declaration (multi-token-
+    prediction layers, heads tied to the embeddings, buffers), for the log and the card; a container's other towers
+    are reported apart (`containers.dropped_weights`)."""
+    from mlx_arch.core.weights import Drop
+
+    rules = model.checkpoint_rules() if hasattr(model, "checkpoint_rules") else []
+    first_own = len(model.container.rules()) if getattr(model, "container", None) else 0
+    counts, w = {}, dict(weights)
+    for i, rule in enumerate(rules):
+        if isinstance(rule, Drop) and i >= first_own:
+            n = sum(1 for k in w if rule.dropped(k))
+            if n:
+                counts[rule.why or "declared lossy"] = counts.get(rule.why or "declared lossy", 0) + n
+        w = rule.apply(w)  # lazy: nothing is read
+    return counts
 
 
 def resume_key(plan: ConvertPlan, src) -> str:
@@ -217,7 +240,8 @@ def write_output(plan: ConvertPlan, src, folder: Path, tmp: Path, converted: Con
     save.copy_side_files(folder, tmp)
     result = ConvertResult(plan.mlx_path, size, size * 8 / converted.n_params, converted.n_params, 0.0,
                            quant.config, quant.skipped, excluded_layers=quant.excluded,
-                           quantization_method=quant.method_description, container=converted.container)
+                           quantization_method=quant.method_description, container=converted.container,
+                           dropped_by_rules=converted.dropped_by_rules)
     result.validation = gate(plan, folder, tmp, progress, log)
     write_card(plan, src, folder, tmp, converted.dtype, result)
     return result
@@ -290,17 +314,31 @@ def write_card(plan, src, source_folder, out, dtype, result):
                             skipped_layers=result.skipped_layers + precise_note(result.excluded_layers),
                             upload_repo=plan.upload_repo, ignored_code=src.ignored_code,
                             model_type=src.config["model_type"], quantization_method=result.quantization_method,
-                            container=containers.describe(result.container) if result.container else "")
+                            container=containers.describe(result.container) if result.container else "",
+                            notes=source_notes(src.config, result.dropped_by_rules))
     (out / "README.md").write_text(text)
 
 
+def source_notes(config: dict, drops: dict) -> list:
+    """Card lines on what the conversion did to the source beyond casting and quantizing."""
+    from mlx_arch.core import fp8
+
+    notes = []
+    if fp8.is_source(config):
+        notes.append("Source stored in FP8 with block scales: dequantized block by block on load, exactly as "
+                     "transformers dequantizes it (the gate's float original is the same dequantized weights)")
+    notes += [f"Dropped by the architecture's declared rules: {count} tensor(s) ({why})" for why, count in drops.items()]
+    return notes
+
+
 def precise_note(paths: list) -> list:
-    """One card entry for the layers the architecture keeps in full precision (MoE routers and gates)."""
+    """One card entry for the layers the architecture keeps in full precision (MoE routers and gates, small
+    state-space projections)."""
     if not paths:
         return []
     names = sorted({p.rsplit(".", 1)[-1] for p in paths})
-    return [f"{len(paths)} router/gate layers ({', '.join(names)}), by the architecture, recorded as `false` in "
-            "config.json's quantization"]
+    return [f"{len(paths)} layers the architecture keeps in full precision ({', '.join(names)}: routers, gates, "
+            "state-space projections), recorded as `false` in config.json's quantization"]
 
 
 def upload(plan, src, log):

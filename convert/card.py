@@ -26,7 +26,8 @@ def source_metadata(folder: Path) -> dict:
 def render_card(*, repo_name: str, base_model: Optional[str], source_meta: dict, commit: Optional[str],
                 recipe: str, dtype: str, bits_per_weight: float, quantized: bool, validation: str,
                 skipped_layers: list, upload_repo: Optional[str], ignored_code: str = "",
-                model_type: str = "", quantization_method: str = "", container: str = "") -> str:
+                model_type: str = "", quantization_method: str = "", container: str = "",
+                notes: tuple = ()) -> str:
     meta = {"library_name": "mlx", "pipeline_tag": source_meta.get("pipeline_tag", "text-generation")}
     if base_model:
         meta["base_model"] = base_model
@@ -51,6 +52,7 @@ def render_card(*, repo_name: str, base_model: Optional[str], source_meta: dict,
     ]
     if container:  # a multimodal source: which text model was kept, what was dropped
         lines.append(f"- Converted the {container}")
+    lines += [f"- {note}" for note in notes]  # FP8 sources, tensors dropped by declared rules
     if quantization_method:  # how the codes were chosen, and on which calibration text
         lines.append(f"- Quantization method: {quantization_method}")
     if skipped_layers:

@@ -162,11 +162,14 @@ def summary(result) -> str:
 
 def _supported_types_help() -> str:
     import mlx_arch
+    from mlx_arch.core.containers import CONTAINERS
 
     # indented like the docstring, which click dedents as a whole
-    types = textwrap.fill(", ".join(mlx_arch.supported_model_types()), 76, initial_indent="      ",
-                          subsequent_indent="      ")
-    return f"\n    \b\n    Supported model types:\n{types}\n"
+    fill = lambda names: textwrap.fill(", ".join(names), 76, initial_indent="      ",  # noqa: E731
+                                       subsequent_indent="      ")
+    containers = sorted(f"{t} ({c.text_type})" for t, c in CONTAINERS.items())
+    return (f"\n    \b\n    Supported model types:\n{fill(mlx_arch.supported_model_types())}\n"
+            f"\n    \b\n    Multimodal containers (their text model is converted):\n{fill(containers)}\n")
 
 
 cli.help = (cli.help or "") + _supported_types_help()

@@ -287,3 +287,14 @@ def test_unreadable_fp8_configs_are_refused_before_loading(release, tmp_path, ch
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(ConvertError, match=re.escape(message)):
         convert(str(folder), tmp_path / "out", skip_validation=True)
+
+
+def test_card_says_the_source_was_fp8_and_names_declared_drops(tmp_path):
+    """The card states what happened to the source beyond the cast: FP8 dequantized on load, and the tensors the
+    architecture drops by its declared rules (here DeepSeek-V3's multi-token-prediction layer)."""
+    from convert.api import source_notes
+
+    notes = source_notes({"quantization_config": {"quant_method": "fp8"}},
+                         {"multi-token-prediction layers, unused by inference": 12})
+    assert notes[0].startswith("Source stored in FP8") and "12 tensor(s) (multi-token-prediction" in notes[1]
+    assert source_notes({}, {}) == []

@@ -80,3 +80,22 @@ def test_glm_moe_dsa_indexer_pattern_keys():
     with pytest.raises(ValueError, match="indexer_types 'shared'"):
         mlx_arch.build_model({"model_type": "glm_moe_dsa", "num_hidden_layers": 4, "index_topk_pattern": "FSFS",
                               "hidden_size": 64, "num_attention_heads": 4, "vocab_size": 320})
+
+
+def test_conversion_log_and_card_name_the_dropped_mtp_layer(tmp_path):
+    """Through the pipeline: a release's multi-token-prediction layer is dropped by name, and the log and the card
+    say how many tensors and why."""
+    from convert import convert
+
+    case = BY_ID["deepseek_v3-kimi-k2"]
+    path, _, config, weights = build_case(tmp_path, case, "v5")
+    n = config["num_hidden_layers"]
+    mtp = {f"model.layers.{n}.eh_proj.weight": mx.zeros((4, 4)), f"model.layers.{n}.enorm.weight": mx.ones((4,))}
+    mx.save_safetensors(str(path / "model.safetensors"), {**weights, **mtp}, metadata={"format": "pt"})
+    (path / "model.safetensors.index.json").unlink(missing_ok=True)
+    log = []
+    result = convert(str(path), tmp_path / "out", skip_validation=True, log=log.append)
+    assert result.dropped_by_rules == {next(iter(result.dropped_by_rules)): 2}
+    assert any("dropped by the architecture's rules: 2 tensor(s) (multi-token" in m for m in log), log
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "Dropped by the architecture's declared rules: 2 tensor(s) (multi-token" in card

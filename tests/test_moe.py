@@ -346,7 +346,7 @@ def test_4bit_conversion_records_routers_as_false(qwen2_moe_4bit):
         assert quant_config.get(f"model.layers.{i}.mlp.gate") is False
         assert quant_config.get(f"model.layers.{i}.mlp.shared_expert_gate") is False
     card = (qwen2_moe_4bit.path / "README.md").read_text()
-    assert "- Kept in full precision: 4 router/gate layers (gate, shared_expert_gate), by the architecture" in card
+    assert "- Kept in full precision: 4 layers the architecture keeps in full precision (gate, shared_expert_gate" in card
 
 
 # --- memory -------------------------------------------------------------------------------------------------------
