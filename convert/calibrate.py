@@ -622,6 +622,8 @@ class LayerwiseQuantizer:
         self.report.tokens = int(sum(b.size for b in batches))
         hidden = [model.embed(mx.array(b)).astype(mx.float32) for b in batches]
         masks = [model.masks(h) for h in hidden]
+        # What the layers read besides the hidden states (the model's `stream_context`, e.g. the token embeddings).
+        self.contexts = [model.stream_context(mx.array(b), h) for b, h in zip(batches, hidden)]
         paths = {id(m): p for p, m in model.named_modules()}
         for i in range(len(model.layers)):
             hidden = self.layer(paths[id(model.layers[i])], i, hidden, [m[i] for m in masks])
@@ -644,8 +646,8 @@ class LayerwiseQuantizer:
             todo = groups.pop(0) if groups else [p for p in targets if p not in done]
             hessians = _Hessians()
             swap(layer, prefix, {p: capture(p, targets[p], float_twin(targets[p], floats[p]), hessians) for p in todo})
-            for h, mask in zip(hidden, masks):
-                mx.eval(layer(h, mask, None))
+            for h, mask, context in zip(hidden, masks, self.contexts):
+                mx.eval(layer(h, mask, None, *self.model.layer_args(context, i)))
             if groups is None and SEQUENTIAL:
                 groups = hessians.groups(todo)
                 todo = groups.pop(0)
@@ -662,8 +664,8 @@ class LayerwiseQuantizer:
             # later groups and the next layer see this group as quantized (computed in float32)
             swap(layer, prefix, {p: float_twin(targets[p], done[p].dequantized()) for p in todo})
         out = []
-        for h, mask in zip(hidden, masks):
-            out.append(layer(h, mask, None))
+        for h, mask, context in zip(hidden, masks, self.contexts):
+            out.append(layer(h, mask, None, *self.model.layer_args(context, i)))
             mx.eval(out[-1])
         self.install(layer, prefix, f"layer-{i}", targets, done)
         return out

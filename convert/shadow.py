@@ -67,7 +67,7 @@ def layer_selection(layer_types: Optional[list], n: int) -> list:
 def shrink(config: dict, config_class, widths: bool = True) -> dict:
     """The config with widths (unless `widths` is False), vocabulary and depth shrunk; every other key kept.
     Per-layer lists follow the kept layers."""
-    config = {k: v for k, v in config.items() if k not in _KEEP}
+    config = {k: v for k, v in config.items() if k not in _KEEP + derived_keys(config)}
     key = lambda name: _key(config_class, name)  # noqa: E731
     heads, hidden = config.get(key("num_attention_heads")), config.get(key("hidden_size"))
     types = config.get(key("layer_types"))
@@ -88,6 +88,17 @@ def shrink(config: dict, config_class, widths: bool = True) -> dict:
             config[name] = [value[i] for i in keep]
     config[key("num_hidden_layers")] = len(keep)
     return config
+
+
+def derived_keys(config: dict) -> tuple:
+    """Keys that the config class derives from others but reads back as stored when present (Zamba2's attention
+    width): the family lists them in `Model.derived_config_keys`; dropped so that they follow the shrunk model."""
+    import mlx_arch
+
+    try:
+        return tuple(getattr(mlx_arch.architecture(config).Model, "derived_config_keys", ()))
+    except mlx_arch.UnsupportedArchitecture:
+        return ()
 
 
 def derived_layers(config: dict, config_class) -> int:

@@ -2,6 +2,7 @@
 equal one forward pass, configs read as transformers reads them, and what each family has of its own."""
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 
@@ -124,3 +125,56 @@ def test_falcon_h1_multipliers_folded_once_and_given_back(tmp_path):
     assert all(mx.array_equal(v, once[key]) for key, v in model.sanitize(dict(once)).items())
     back = apply_rules(dict(once), inverse(model.weight_rules()))
     assert all(mx.allclose(back[key], weights[key], rtol=1e-6, atol=1e-7) for key in weights)
+
+
+# --- zamba2 -------------------------------------------------------------------------------------------------------
+
+
+def _owners(model) -> dict:
+    return {i: layer.block for i, layer in enumerate(model.layers) if "shared_transformer" in layer}
+
+
+def test_zamba2_shared_blocks_are_held_once_and_reused(tmp_path):
+    """Two blocks over three hybrid layers (1, 3, 4): layers 1 and 3 own them, layer 4 reuses layer 1's with its own
+    adapters; the weights appear once, and quantizing the owner quantizes every use."""
+    _, model, _, weights = build_case(tmp_path, BY_ID["zamba2"], "v5")
+    owners = _owners(model)
+    assert sorted(owners) == [1, 3] and model.layers[4].block is owners[1]
+    assert not any(k.startswith("model.layers.4.shared_transformer") for k in weights)
+    assert [layer.use for layer in model.layers if layer.kind.attends] == [0, 1, 2]
+    assert [len(p) for p in owners[1].feed_forward.gate_up_proj_adapter_list] == [2, 0, 2]
+    nn.quantize(model, 32, 4, class_predicate=lambda path, m: isinstance(m, nn.Linear) and m.weight.shape[1] % 32 == 0)
+    assert isinstance(model.layers[4].block.self_attn.q_proj, nn.QuantizedLinear)
+
+
+def test_zamba2_untied_checkpoint_has_a_block_per_hybrid_layer(tmp_path):
+    """transformers ties the blocks' later uses only along with the embeddings: untied, each hybrid layer loads its
+    own copy (different weights), as transformers does."""
+    _, model, _, weights = build_case(tmp_path, BY_ID["zamba2-one-block-bias-untied"], "v5")
+    owners = _owners(model)
+    assert sorted(owners) == [0, 3] and owners[0] is not owners[3]
+    q = "model.layers.{}.shared_transformer.self_attn.q_proj.weight"
+    assert not mx.array_equal(weights[q.format(0)], weights[q.format(3)])
+
+
+def test_zamba2_config_reads_as_zamba2_config():
+    """Legacy "mamba" layer names, the 54-layer default, and the widths Zamba2Config derives unless the config
+    stores them (it then reads the stored ones: `head_dim` / `attention_head_dim`, `mamba_headdim`)."""
+    from transformers import Zamba2Config
+
+    from mlx_arch import zamba2
+
+    hub = dict(hidden_size=64, num_attention_heads=4, num_hidden_layers=3, n_mamba_heads=4, mamba_expand=1,
+               layers_block_type=["mamba", "hybrid", "mamba"], attention_head_dim=24, mamba_headdim=16)
+    theirs = Zamba2Config(**hub)
+    ours = zamba2.ModelArgs.from_dict({"model_type": "zamba2", **hub})
+    assert ours.layers_block_type == list(theirs.layers_block_type) and ours.hybrid_layers == theirs.hybrid_layer_ids
+    assert ours.head_dim == theirs.head_dim == 24 and ours.mamba_headdim == theirs.mamba_headdim == 16
+    assert zamba2.ModelArgs.from_dict({"hidden_size": 64, "num_attention_heads": 4, "head_dim": 8}).head_dim == 8
+    default = zamba2.ModelArgs.from_dict({"model_type": "zamba2"})
+    assert default.layers_block_type == list(Zamba2Config().layers_block_type) and default.num_hidden_layers == 54
+    assert default.head_dim == 2 * 2560 // 32 and default.intermediate_size == 4 * 2560
+    with pytest.raises(ValueError, match="num_key_value_heads"):
+        zamba2.ModelArgs.from_dict({"use_shared_attention_adapter": True, "num_key_value_heads": 8})
+    with pytest.raises(ValueError, match="unknown entries"):
+        zamba2.ModelArgs.from_dict({"layers_block_type": ["mamba", "attention"]})
