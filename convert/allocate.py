@@ -111,7 +111,12 @@ def fisher(model, paths: list, batches: list) -> dict:
             probes.deltas, probes.calls, probes.shapes = None, {}, {}
             mx.eval(model(ids[:, :-1]))  # records the perturbations' shapes
             zeros = {k: mx.zeros(s, mx.float32) for k, s in probes.shapes.items()}
-            grads = mx.grad(loss)(zeros)
+            try:
+                grads = mx.grad(loss)(zeros)
+            except ValueError as e:  # a layer whose gradient MLX cannot compute (e.g. through integer indices)
+                raise ConvertError(f"--target-bpw measures sensitivity with a backward pass, which this model does "
+                                   f"not support ({str(e).splitlines()[0][:160]}); use --quant-recipe or --q-bits "
+                                   "instead") from None
             for key, g in grads.items():
                 path = key.rsplit("#", 1)[0]
                 g = g.reshape(-1, g.shape[-1])

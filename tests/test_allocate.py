@@ -138,3 +138,16 @@ def test_plan_names_and_cli(source, tmp_path):
         variant_plans({"hf_path": "x", "target_bpw": 4.5}, "4,8")
     help_text = CliRunner().invoke(cli, ["--help"]).output
     assert "--target-bpw FLOAT" in help_text
+
+
+def test_experts_are_measured_on_their_routed_tokens(tmp_path):
+    """A layer of stacked experts is one unit of the allocation, measured as the sum of its experts' errors on the
+    rows routed to each; the budget holds for the whole model."""
+    src = make_checkpoint(tmp_path / "src", "mixtral", dtype="bfloat16", num_local_experts=4)
+    model, report = quantized(src, target_bpw=5.0, q_group_size=32)
+    allocation = report.allocation
+    switch = [p for p in allocation.bits if p.rsplit(".", 1)[-1] in ("gate_proj", "up_proj", "down_proj")]
+    assert switch and not allocation.unmeasured and allocation.achieved <= 5.0
+    assert all(allocation.estimates[p][min(allocation.estimates[p])] > 0 for p in switch)
+    modules = dict(model.named_modules())
+    assert all(modules[p].bits == allocation.bits[p] for p in switch)

@@ -48,8 +48,9 @@ from .weights import Stack
 
 
 def _top_k(scores: mx.array, k: int) -> mx.array:
-    """Indices of the k largest scores along the last axis (in no particular order)."""
-    return mx.argpartition(-scores, kth=k - 1, axis=-1)[..., :k]
+    """Indices of the k largest scores along the last axis (in no particular order); constants for gradients (the
+    routing weights gathered with them stay differentiable)."""
+    return mx.stop_gradient(mx.argpartition(-scores, kth=k - 1, axis=-1)[..., :k])
 
 
 def softmax_topk(logits: mx.array, k: int, normalize: bool = False):
