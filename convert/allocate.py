@@ -3,8 +3,9 @@
 Each quantized layer's cost at each candidate bit width is estimated as the loss increase its quantization error
 would cause, to second order: for a layer with output y = W x, quantizing W adds E x to y (E = W - Q(W)), and the
 language-modelling loss grows by about sum_c F_c (E H E^T)_cc, where H = sum x x^T over the calibration tokens (the
-Hessian GPTQ uses) and F_c the mean square gradient of the loss with respect to output channel c (the empirical
-Fisher of the layer's output). F comes from one backward pass of the float model over a few calibration rows; H
+Hessian GPTQ uses) and F_c the mean square gradient of the loss with respect to output channel c (the Fisher of
+the layer's output, next tokens sampled from the float model: the curvature of the KL to it). F comes from one
+backward pass of the float model over a few calibration rows; H
 from a layer-by-layer forward pass, as in calibration; E from round to nearest at each candidate width (calibrated
 methods lower every layer's error by a similar factor, which leaves the ranking as it is). Stacked experts sum
 their experts' errors, each on the rows routed to it. A tied embedding is the output layer (its H is the final
@@ -33,6 +34,9 @@ from .plan import AFFINE_BITS
 
 FISHER_TOKENS = 2048  # calibration tokens through the backward pass that measures F
 FISHER_ROW = 256  # tokens per backward pass (the head's gradient is a (row, vocabulary) array)
+# Labels of the backward pass: "model" samples each next token from the float model's own distribution (the Fisher
+# of the KL to the float model, which quantization should keep small); "text" uses the calibration text's tokens.
+FISHER_LABELS = "model"
 MAX_ROWS = 512  # output rows per layer the error is measured on (the F-heaviest half exactly, the rest sampled)
 
 
@@ -88,9 +92,10 @@ class Probes:
         return y + self.deltas[key]
 
 
-def fisher(model, paths: list, batches: list) -> dict:
+def fisher(model, paths: list, batches: list, labels: Optional[str] = None) -> dict:
     """{path or path@head: (out,)} the sum over calibration tokens of each output channel's squared gradient of
-    the next-token loss (float32 weights and activations)."""
+    the next-token loss (float32 weights and activations), the next tokens as `labels` (FISHER_LABELS) says."""
+    labels = labels or FISHER_LABELS
     rows = np.concatenate([b.reshape(-1) for b in batches])[:FISHER_TOKENS]
     rows = [rows[i:i + FISHER_ROW][None] for i in range(0, len(rows) - 1, FISHER_ROW) if len(rows[i:]) >= 2]
     modules = dict(model.named_modules())
@@ -100,16 +105,19 @@ def fisher(model, paths: list, batches: list) -> dict:
     swap(model, "", {p: _Probe(p, modules[p], probes) for p in paths})
     out = {}
     try:
-        for ids in rows:
+        for i, ids in enumerate(rows):
             ids = mx.array(ids)
+            probes.deltas, probes.calls, probes.shapes = None, {}, {}
+            logits = model(ids[:, :-1])  # (records the perturbations' shapes)
+            targets = ids[:, 1:] if labels == "text" else mx.random.categorical(logits.astype(mx.float32),
+                                                                                 key=mx.random.key(i))
+            mx.eval(targets)
 
             def loss(deltas):
                 probes.deltas, probes.calls = deltas, {}
                 logits = model(ids[:, :-1]).astype(mx.float32)
-                return nn.losses.cross_entropy(logits, ids[:, 1:], reduction="sum")
+                return nn.losses.cross_entropy(logits, targets, reduction="sum")
 
-            probes.deltas, probes.calls, probes.shapes = None, {}, {}
-            mx.eval(model(ids[:, :-1]))  # records the perturbations' shapes
             zeros = {k: mx.zeros(s, mx.float32) for k, s in probes.shapes.items()}
             try:
                 grads = mx.grad(loss)(zeros)

@@ -135,7 +135,8 @@ def main():
             baseline = baseline or metrics["kl_mean"]
             ratio = metrics["kl_mean"] / baseline if isinstance(bits, int) else float("nan")
             rows.append((bits, method, bits_per_weight(out, parameters), metrics, ratio, seconds, peak))
-            print(f"{bits}-bit {method}: KL {metrics['kl_mean']:.4f}, {seconds:.0f} s", flush=True)
+            label = f"{bits}-bit" if isinstance(bits, int) else bits
+            print(f"{label} {method}: KL {metrics['kl_mean']:.4f}, {seconds:.0f} s", flush=True)
     print(f"\n{src.name}, group size {args.group_size}, {tokens} held-out tokens (convert/data/heldout.txt); "
           "KL(float || quantized) per position, float32 activations; time and peak RSS of the conversion process\n")
     print("| bits | method | bits/weight | KL mean | KL / mlx_lm's | top-1 | perplexity ratio | time s | peak MB |")

@@ -105,7 +105,7 @@ def test_fisher_is_the_squared_output_gradient(source):
     config = json.loads((Path(source) / "config.json").read_text())
     model = q.build_model(config, mx.load(str(Path(source) / "model.safetensors")))
     ids = np.arange(1, 40, dtype=np.int32)[None] % config["vocab_size"]
-    sums = allocate.fisher(model, ["model.embed_tokens"], [ids])
+    sums = allocate.fisher(model, ["model.embed_tokens"], [ids], labels="text")
     assert model.model.layers[0].mlp.down_proj.weight.dtype == mx.bfloat16  # restored after the float32 pass
     q.cast(model, "float32")
     logits = model(mx.array(ids[:, :-1])).astype(mx.float32)
