@@ -28,7 +28,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
-from .calibrate import _Hessians, blas_threads, capture, float_twin, head_hessians, stacked, swap
+from .calibrate import _Hessians, blas_threads, capture, float_twin, gptq_plan, head_hessians, solve, stacked, swap
 from .errors import ConvertError
 from .plan import AFFINE_BITS
 
@@ -158,13 +158,19 @@ def rounded(w: np.ndarray, bits: int, group_size: int, dtype: str) -> np.ndarray
     return np.array(mx.dequantize(*q, group_size=group_size, bits=bits).astype(mx.float32))
 
 
-def loss_increase(w: np.ndarray, h: np.ndarray, f: np.ndarray, widths: tuple, group_size: int, dtype: str) -> dict:
-    """{bits: sum_c F_c (E H E^T)_cc} for w (out, in), estimated on `sampled_rows`."""
+def loss_increase(w: np.ndarray, h: np.ndarray, f: np.ndarray, widths: tuple, group_size: int, dtype: str,
+                  method: str = "rtn") -> dict:
+    """{bits: sum_c F_c (E H E^T)_cc} for w (out, in), estimated on `sampled_rows`, E the error of `method` (rows
+    are rounded independently of each other, so the sampled rows' errors are those of the whole layer's)."""
     rows, weights = sampled_rows(f)
     w = w[rows]
+    plan = gptq_plan(h) if method == "gptq" else None
     out = {}
     for bits in widths:
-        e = w - rounded(w, bits, group_size, dtype)
+        if method == "rtn":
+            e = w - rounded(w, bits, group_size, dtype)
+        else:
+            e = w - solve(method, w, h, {"bits": bits, "group_size": group_size}, dtype, plan).dequantized()
         out[bits] = float((((e @ h) * e).sum(1) * f[rows] * weights).sum())
     return out
 
@@ -179,7 +185,8 @@ def lookup_increase(w: np.ndarray, counts: np.ndarray, f: np.ndarray, widths: tu
             for bits in widths}
 
 
-def measured_errors(model, settings: dict, batches: list, fisher_sums: dict, widths: tuple, dtype: str) -> dict:
+def measured_errors(model, settings: dict, batches: list, fisher_sums: dict, widths: tuple, dtype: str,
+                    method: str = "rtn") -> dict:
     """{path: {bits: estimated loss increase}} for the layers of `settings` that were measured (F and H found)."""
     out = {}
     weight = lambda path, m: np.array(m.weight.astype(mx.float32))  # noqa: E731
@@ -205,16 +212,16 @@ def measured_errors(model, settings: dict, batches: list, fisher_sums: dict, wid
                 continue
             params, w = settings[path], weight(path, module)
             if stacked(module):
-                errors = [loss_increase(w[e], h[e], fisher_sums[path], widths, params["group_size"], dtype)
+                errors = [loss_increase(w[e], h[e], fisher_sums[path], widths, params["group_size"], dtype, "rtn")
                           for e in range(w.shape[0]) if hessians.counts[key][e]]
                 out[path] = {b: sum(e[b] for e in errors) for b in widths}
             else:
-                out[path] = loss_increase(w, h, fisher_sums[path], widths, params["group_size"], dtype)
-    out.update(head_errors(model, settings, batches, hidden, fisher_sums, widths, dtype))
+                out[path] = loss_increase(w, h, fisher_sums[path], widths, params["group_size"], dtype, method)
+    out.update(head_errors(model, settings, batches, hidden, fisher_sums, widths, dtype, method))
     return out
 
 
-def head_errors(model, settings, batches, hidden, fisher_sums, widths, dtype) -> dict:
+def head_errors(model, settings, batches, hidden, fisher_sums, widths, dtype, method="rtn") -> dict:
     """The vocabulary layers: the output head on the final hidden states, an embedding's lookups on the token
     counts (both, summed, for a tied embedding)."""
     vocab, hessians = head_hessians(model, settings, hidden)
@@ -226,7 +233,7 @@ def head_errors(model, settings, batches, hidden, fisher_sums, widths, dtype) ->
         parts = []
         if h is not None and (path in fisher_sums or path + "@head" in fisher_sums):
             parts.append(loss_increase(w, h, fisher_sums.get(path + "@head", fisher_sums.get(path)), widths, group,
-                                       dtype))
+                                       dtype, method))
         if isinstance(module, nn.Embedding) and path in fisher_sums:
             parts.append(lookup_increase(w, counts[: len(w)], fisher_sums[path], widths, group, dtype))
         if parts:
@@ -261,8 +268,10 @@ class Allocation:
                 + (f"; not measured, at the base width: {len(self.unmeasured)} layers" if self.unmeasured else ""))
 
 
-def allocate(model, settings: dict, target: float, batches: list, dtype: str, log=None) -> Allocation:
-    """Widths for the affine layers of `settings` within `target` bits per weight over the whole model."""
+def allocate(model, settings: dict, target: float, batches: list, dtype: str, log=None,
+             method: str = "rtn") -> Allocation:
+    """Widths for the affine layers of `settings` within `target` bits per weight over the whole model; the errors
+    at each width are those of `method` (the quantization method that will write the codes)."""
     start = time.perf_counter()
     log = log or (lambda message: None)
     group = next(iter(settings.values()))["group_size"]
@@ -285,7 +294,7 @@ def allocate(model, settings: dict, target: float, batches: list, dtype: str, lo
                            f"({ceiling / total:.3f} bits per weight): use --q-bits {widths[-1]}")
     with blas_threads(1):
         sums = fisher(model, list(settings), batches)
-        errors = measured_errors(model, settings, batches, sums, widths, dtype)
+        errors = measured_errors(model, settings, batches, sums, widths, dtype, method)
     base = max(b for b in widths if b + 2 * scale_bits(dtype) / group <= target) if target >= widths[0] else widths[0]
     unmeasured = [p for p in settings if p not in errors]
     choice = {p: widths[0] for p in errors}

@@ -134,7 +134,8 @@ def quantize(model, plan: ConvertPlan, tokenizer_folder=None, log=None, scratch=
         from . import allocate
 
         batches = calibration_batches(model, plan, affine, tokenizer_folder, "--target-bpw")
-        allocation = allocate.allocate(model, affine, plan.target_bpw, batches, target_dtype_of(model, affine), log)
+        allocation = allocate.allocate(model, affine, plan.target_bpw, batches, target_dtype_of(model, affine), log,
+                                       method)
         for path, bits in allocation.bits.items():
             settings[path] = affine[path] = {**affine[path], "bits": bits}
         widths = [params["bits"] for params in affine.values()]
