@@ -6,9 +6,11 @@ language-modelling loss grows by about sum_c F_c (E H E^T)_cc, where H = sum x x
 Hessian GPTQ uses) and F_c the mean square gradient of the loss with respect to output channel c (the Fisher of
 the layer's output, next tokens sampled from the float model: the curvature of the KL to it). F comes from one
 backward pass of the float model over a few calibration rows; H
-from a layer-by-layer forward pass, as in calibration; E from round to nearest at each candidate width (calibrated
-methods lower every layer's error by a similar factor, which leaves the ranking as it is). Stacked experts sum
-their experts' errors, each on the rows routed to it. A tied embedding is the output layer (its H is the final
+from a layer-by-layer forward pass, as in calibration; E is the error of the method that will write the codes, at
+each candidate width, on a sample of each layer's rows (gptq repairs some layers far better than others: ranking by
+round-to-nearest errors gave SmolLM2-135M at 4.5 bpw a held-out KL of 0.173, no better than uniform 4-bit gptq's
+0.163; gptq's own errors give 0.150). Stacked experts sum their experts' round-to-nearest errors, each on the rows
+routed to it. A tied embedding is the output layer (its H is the final
 hidden states') plus its lookup role (H = the token counts).
 
 Bits are then allocated greedily: every layer starts at the lowest candidate width, and the upgrade with the most
