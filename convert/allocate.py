@@ -194,6 +194,7 @@ def measured_errors(model, settings: dict, batches: list, fisher_sums: dict, wid
     weight = lambda path, m: np.array(m.weight.astype(mx.float32))  # noqa: E731
     hidden = [model.embed(mx.array(b)).astype(mx.float32) for b in batches]
     masks = [model.masks(h) for h in hidden]
+    contexts = [model.stream_context(mx.array(b), h) for b, h in zip(batches, hidden)]  # what layers read besides h
     paths = {id(m): p for p, m in model.named_modules()}
     for i in range(len(model.layers)):
         layer = model.layers[i]
@@ -203,8 +204,8 @@ def measured_errors(model, settings: dict, batches: list, fisher_sums: dict, wid
         hessians = _Hessians()
         swap(layer, prefix, {p: capture(p, m, float_twin(m, weight(p, m)), hessians) for p, m in targets.items()})
         next_hidden = []
-        for h, mask in zip(hidden, [m[i] for m in masks]):
-            next_hidden.append(layer(h, mask, None))
+        for h, mask, context in zip(hidden, [m[i] for m in masks], contexts):
+            next_hidden.append(layer(h, mask, None, *model.layer_args(context, i)))
             mx.eval(next_hidden[-1])
         swap(layer, prefix, targets)
         hidden = next_hidden
