@@ -149,10 +149,33 @@ def quantize(model, plan: ConvertPlan, tokenizer_folder=None, log=None, scratch=
     # mlx-lm reads per-layer entries: a dict where a layer differs from the default, False where it stays float.
     overrides = {path: params for path, params in settings.items() if params != default}
     overrides.update({path: False for path in [*excluded, *skipped]})
-    return QuantReport(config={**default, **overrides}, skipped=[f"{p} ({why})" for p, why in skipped.items()],
+    leftovers = float_leftovers(model)
+    kept = [f"{p} ({why})" for p, why in skipped.items()]
+    if leftovers:
+        kept.append(f"{sum(leftovers.values())} parameters outside linear, embedding and norm layers ("
+                    + ", ".join(f"{name} x{n}" for name, n in sorted(leftovers.items()))
+                    + "): state-space and convolution parameters, sinks and scalars, which MLX does not quantize")
+    return QuantReport(config={**default, **overrides}, skipped=kept,
                        excluded=excluded, method=method, calibration=calibration, allocation=allocation,
                        method_description=plan.describe_method(method) + (f"; {allocation.summary()}"
                                                                           if allocation else ""))
+
+
+def float_leftovers(model) -> dict:
+    """{name: count} of the arrays held by modules other than linear, embedding and norm layers (a Mamba mixer's
+    A_log, D and dt_bias, convolution weights, attention sinks, layer scalars): MLX quantizes none of them, so they
+    stay in the float dtype; the report names them."""
+    counts = {}
+    for _, module in model.named_modules():
+        kind = type(module).__name__
+        if (isinstance(module, (nn.Linear, nn.Embedding)) or hasattr(module, "to_quantized") or "Quantized" in kind
+                or "Norm" in kind):
+            continue
+        for name, value in module.items():
+            if isinstance(value, mx.array):
+                label = f"{kind}.{name}" if isinstance(module, (nn.Conv1d, nn.Conv2d)) else name
+                counts[label] = counts.get(label, 0) + 1
+    return counts
 
 
 def quantization_method(model, plan: ConvertPlan, settings: dict, tokenizer_folder, log) -> str:

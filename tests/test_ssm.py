@@ -117,3 +117,21 @@ def test_nemotron_h_legacy_config_reads_as_transformers_reads_it():
     assert list(ours.time_step_limit) == list(theirs.time_step_limit)
     renamed = nemotron_h.ModelArgs.from_dict({"layers_block_type": ["mamba", "attention"]})
     assert renamed.layers_block_type == ["linear_attention", "full_attention"] and renamed.num_hidden_layers == 2
+
+
+def test_quantized_report_names_the_state_space_parameters_kept_in_float(tmp_path):
+    """MLX quantizes only linear and embedding layers: a Mamba model's A_log, D and convolution weights
+    stay in the float dtype, and the log and card say so; a plain transformer has nothing to report."""
+    from checkpoints import make_checkpoint
+    from convert import convert
+
+    src = make_checkpoint(tmp_path / "src", "mamba")
+    result = convert(str(src), tmp_path / "out", quantize=True, q_group_size=32, q_method="rtn",
+                     skip_validation=True)
+    note = next(s for s in result.skipped_layers if "outside linear" in s)
+    for name in ("A_log", "D", "Conv1d.weight"):  # Mamba-1: dt is a biased projection, kept float by the model
+        assert f"{name} x" in note, note
+    assert "outside linear" in (tmp_path / "out" / "README.md").read_text()
+    llama = convert(str(make_checkpoint(tmp_path / "llama", "llama")), tmp_path / "l", quantize=True,
+                    q_group_size=32, q_method="rtn", skip_validation=True)
+    assert not any("outside linear" in s for s in llama.skipped_layers)
