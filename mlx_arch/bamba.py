@@ -5,7 +5,7 @@ transformers 5 reads `partial_rotary_factor` from `rope_parameters` (0.5 when th
 for configs in the transformers-4 style. Mamba layers keep a StateCache, attention layers a KVCache."""
 
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional
 
 import mlx.nn as nn
 
@@ -14,11 +14,11 @@ from .core.conv import DepthwiseLayout
 from .core.kinds import FULL, LayerKind
 from .core.layers import MLP, NamedBackbone
 from .core.linear import RecurrentBlock
-from .core.ssm import RECURRENT, GatedRMSNorm, Mamba2Mixer, SSMModel
+from .core.ssm import RECURRENT, GatedRMSNorm, Mamba2Fields, Mamba2Mixer, SSMModel
 
 
 @dataclass
-class ModelArgs(llama.ModelArgs):
+class ModelArgs(llama.ModelArgs, Mamba2Fields):
     model_type: str = "bamba"
     vocab_size: int = 128000
     hidden_size: int = 4096
@@ -28,16 +28,6 @@ class ModelArgs(llama.ModelArgs):
     rms_norm_eps: float = 1e-5
     max_position_embeddings: Optional[int] = 262144
     attn_layer_indices: Optional[list] = None
-    mamba_n_heads: int = 128
-    mamba_d_head: Union[int, str] = "auto"
-    mamba_n_groups: int = 1
-    mamba_d_state: int = 256
-    mamba_d_conv: int = 4
-    mamba_expand: int = 2
-    mamba_chunk_size: int = 256
-    mamba_conv_bias: bool = True
-    mamba_proj_bias: bool = False
-    time_step_limit: Optional[Union[list, tuple]] = (0.0, float("inf"))
     partial_rotary_factor: float = 0.5
     windowed = False
 

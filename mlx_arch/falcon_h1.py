@@ -17,7 +17,7 @@ the gated norm over all channels at once (transformers per group when mamba_n_gr
 Each layer's cache is a KVStateCache (core/ssm.py): a KVCache that also holds the mixer's state."""
 
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -25,9 +25,9 @@ import mlx.nn as nn
 from . import llama
 from .core.conv import DepthwiseLayout
 from .core.kinds import FULL, KindedLayer, LayerKind
-from .core.layers import MLP, NamedBackbone
+from .core.layers import NamedBackbone
 from .core.linear import FoldNormOffset
-from .core.ssm import GatedRMSNorm, KVStateCache, Mamba2Mixer, SSMModel, time_step_bounds
+from .core.ssm import GatedRMSNorm, KVStateCache, Mamba2Fields, Mamba2Mixer, SSMModel, time_step_bounds
 from .core.weights import Drop
 
 LAYER = "model.layers.{i}"
@@ -35,7 +35,7 @@ CONV = f"{LAYER}.mamba.conv1d.weight"
 
 
 @dataclass
-class ModelArgs(llama.ModelArgs):
+class ModelArgs(llama.ModelArgs, Mamba2Fields):
     model_type: str = "falcon_h1"
     vocab_size: int = 128000
     hidden_size: int = 4096
@@ -44,18 +44,8 @@ class ModelArgs(llama.ModelArgs):
     rms_norm_eps: float = 1e-5
     max_position_embeddings: Optional[int] = 8192
     mamba_d_ssm: Optional[int] = 1024
-    mamba_n_heads: int = 128
-    mamba_d_head: Union[int, str] = "auto"
-    mamba_n_groups: int = 1
-    mamba_d_state: int = 256
-    mamba_d_conv: int = 4
-    mamba_expand: int = 2
-    mamba_chunk_size: int = 256
-    mamba_conv_bias: bool = True
-    mamba_proj_bias: bool = False
     mamba_norm_before_gate: bool = True
     mamba_rms_norm: bool = False
-    time_step_limit: Optional[Union[list, tuple]] = (0.0, float("inf"))
     projectors_bias: bool = False
     lm_head_multiplier: float = 1.0
     embedding_multiplier: float = 1.0

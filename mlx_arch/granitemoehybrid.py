@@ -5,29 +5,19 @@ MLP is always there; the sparse block only when `num_local_experts` > 0. Attenti
 `position_embedding_type` is "rope" (the default is none)."""
 
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional
 
 from . import bamba, granitemoeshared
 from .core.cache import StateCache
 from .core.conv import DepthwiseLayout
 from .core.kinds import FULL, LayerKind
-from .core.ssm import RECURRENT, SSMModel, time_step_bounds
+from .core.ssm import RECURRENT, Mamba2Fields, SSMModel, time_step_bounds
 
 
 @dataclass
-class ModelArgs(granitemoeshared.ModelArgs):
+class ModelArgs(granitemoeshared.ModelArgs, Mamba2Fields):
     shared_intermediate_size: int = 1024
     position_embedding_type: Optional[str] = None
-    mamba_n_heads: int = 128
-    mamba_n_groups: int = 1
-    mamba_d_state: int = 256
-    mamba_d_head: Union[int, str] = "auto"
-    mamba_d_conv: int = 4
-    mamba_expand: int = 2
-    mamba_chunk_size: int = 256
-    mamba_conv_bias: bool = True
-    mamba_proj_bias: bool = False
-    time_step_limit: Optional[Union[list, tuple]] = (0.0, float("inf"))
 
     def __post_init__(self):
         super().__post_init__()

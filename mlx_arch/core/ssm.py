@@ -15,7 +15,8 @@ non-Linear modules, so MLX's quantization never touches them; `SSMModel.quant_pr
 projections (`dt_proj`, `x_proj`) in full precision too.
 """
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -25,6 +26,24 @@ from .conv import causal_conv, depthwise_conv
 from .kinds import KindedLayer, LayerKind
 
 SCAN_CHUNK = 64  # tokens per associative scan in Mamba-1's prefill (memory: B * chunk * channels * state floats)
+
+
+@dataclass
+class Mamba2Fields:
+    """The `mamba_*` config keys of the Bamba lineage (bamba, granitemoehybrid, falcon_h1) with transformers'
+    defaults; each family resolves `mamba_d_head: "auto"` over its own mixer width."""
+
+    mamba_n_heads: int = 128
+    mamba_d_head: Union[int, str] = "auto"
+    mamba_n_groups: int = 1
+    mamba_d_state: int = 256
+    mamba_d_conv: int = 4
+    mamba_expand: int = 2
+    mamba_chunk_size: int = 256
+    mamba_conv_bias: bool = True
+    mamba_proj_bias: bool = False
+    time_step_limit: Optional[Union[list, tuple]] = (0.0, float("inf"))
+
 
 
 # --- Mamba-1: the selective scan ------------------------------------------------------------------------------------
