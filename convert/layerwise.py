@@ -5,8 +5,8 @@ float32) when that layer runs and released right after, so memory holds one laye
 model's size. Every probe the gate needs travels through the layers together, so one pass over the weights gives:
 
 - the padded batch of probe prompts: logits and each layer's hidden states;
-- one prompt run alone, and the same prompt fed as a prefill chunk and then one token at a time through the KV
-  cache (the cache check);
+- one prompt run alone, and the same prompt fed through the KV cache as a prefill chunk, a multi-token chunk and
+  then its last tokens one at a time (the cache check);
 - the shortest prompts run alone, without padding (the batch check);
 - for float16 outputs, the padded batch again in float16 activations, as a reader runs it: float16's range ends at
   65504, and a model whose activations grow past it gives infinities there while every float32 check passes.
@@ -111,6 +111,7 @@ class Outputs:
     alone: dict  # row -> logits (1, n, vocab) of that prompt run alone
     cached: np.ndarray  # logits of row 0 through prefill + token-by-token decode
     low_max_abs: list = None  # with `low_precision`: largest |hidden state| after each layer, then of the logits
+    extra_logits: np.ndarray = None  # with `extra`: its logits
 
 
 def as_dtype(module, dtype):
@@ -130,19 +131,26 @@ def rel_error(ours, ref) -> float:
     return float(np.abs(ours - ref).max() / max(np.abs(ref).max(), 1e-30))
 
 
+SINGLE_STEPS = 4  # one-token decode steps of the cache check
+
+
 def run(model, ids: np.ndarray, mask: np.ndarray, on_layer: Optional[Callable] = None,
-        low_precision=None) -> Outputs:
+        low_precision=None, extra: Optional[np.ndarray] = None) -> Outputs:
     """All probes through `model` (lazy, as loaded with `load_model(..., lazy=True)`), one layer at a time.
 
     The model is consumed: its layers are released as they finish. `on_layer(i)` is called after layer i. With
-    `low_precision` (an MLX dtype), the padded batch also runs in that dtype and `low_max_abs` is filled.
+    `low_precision` (an MLX dtype), the padded batch also runs in that dtype and `low_max_abs` is filled. `extra`:
+    another right-padded batch of ids (the held-out text) whose logits alone are kept, in `extra_logits`.
     """
     as_float32(model)
     lengths = mask.sum(1)
     rows = sorted({0, *np.argsort(lengths)[:2].tolist()})
     length = int(lengths[0])
+    # The cache check feeds the prompt as a prefill of half of it, a multi-token chunk, then its last tokens one by
+    # one: every way a reader extends a cache, with each single-token step reading all the layer's weights once.
     split = max(1, length // 2)
-    chunks = [(0, split)] + [(t, t + 1) for t in range(split, length)]
+    singles = max(split, length - SINGLE_STEPS)
+    chunks = [(0, split)] + ([(split, singles)] if singles > split else []) + [(t, t + 1) for t in range(singles, length)]
 
     # Each stream keeps what its layers read besides the hidden states (the model's `stream_context`).
     batch = model.embed(mx.array(ids))
@@ -154,6 +162,10 @@ def run(model, ids: np.ndarray, mask: np.ndarray, on_layer: Optional[Callable] =
     cached = [model.embed(mx.array(ids[:1, a:b]), a) for a, b in chunks]
     cached_context = [model.stream_context(mx.array(ids[:1, a:b]), h) for h, (a, b) in zip(cached, chunks)]
     caches = model.make_cache()
+    if extra is not None:
+        extra_ids = mx.array(extra)
+        extra = model.embed(extra_ids)
+        extra_masks, extra_context = model.masks(extra), model.stream_context(extra_ids, extra)
     n_layers = len(model.layers)
     hidden = []
     low = None if low_precision is None else batch.astype(low_precision)
@@ -170,7 +182,9 @@ def run(model, ids: np.ndarray, mask: np.ndarray, on_layer: Optional[Callable] =
         cached = [layer(h, model.masks(h, [caches[i]], a, kinds=[layer.kind])[0], caches[i],
                         *model.layer_args(context, i))
                   for h, (a, _), context in zip(cached, chunks, cached_context)]
-        mx.eval(batch, alone, cached)
+        if extra is not None:
+            extra = layer(extra, extra_masks[i], None, *model.layer_args(extra_context, i))
+        mx.eval(batch, alone, cached, extra)
         hidden.append(np.array(batch))
         if low is not None:
             as_dtype(layer, low_precision)
@@ -185,6 +199,7 @@ def run(model, ids: np.ndarray, mask: np.ndarray, on_layer: Optional[Callable] =
         layers=hidden,
         alone={r: np.array(model.head(h)) for r, h in alone.items()},
         cached=np.array(model.head(mx.concatenate(cached, axis=1))),
+        extra_logits=None if extra is None else np.array(model.head(extra)),
     )
     if low is not None:
         as_dtype(model, low_precision)  # what is left: embedding, final norm, head

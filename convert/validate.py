@@ -324,19 +324,26 @@ def _validate(source, output, progress, gate) -> Report:
         tokenizer = check_tokenizer(report, source, output)
     with stage(report, "non-finite weights"):
         report.non_finite = non_finite_tensors(output)
-    rows, report.probes = probe_rows(tokenizer, text_config(config)["vocab_size"])
+    vocab_size = text_config(config)["vocab_size"]
+    rows, report.probes = probe_rows(tokenizer, vocab_size)
+    # A quantized output's held-out text rides in the MLX pass beside the probes (one read and dequantization of the
+    # weights for both) when both models' logits of it fit the held-out budget; otherwise it gets passes of its own
+    # (`heldout.measure`). On the transformers side it is a pass of its own: padding it to the probes' width
+    # would cost more than reading the float weights again.
+    quantized = bool(config.get("quantization"))
+    extra = heldout.rows(tokenizer, vocab_size) if quantized else []
+    extra = heldout.padded(extra) if extra and heldout.fits(extra, vocab_size) else None
     ids, mask = padded(rows)
     report.prompts, report.tokens = ids.shape[0], int(mask.sum())
     source_reader = CheckpointReader(source)
-    held = OutputWeights(output, source_reader)
-    with stage(report, "weights vs source"):
-        report.weights = weight_fidelity(held, source_reader, report.thresholds["weights_rel_error"])
+    held = Compared(OutputWeights(output, source_reader), source_reader)
     n_layers = len(model.layers)
-    with stage(report, "transformers, output's weights"):
+    with stage(report, "transformers, output's weights + weights vs source"):
         # A family whose transformers modules read their children's weights directly says so on its model.
         blocks = getattr(model, "reference_reads_children", False)
         exact = reference_pass(source, held, ids, mask, layer_ticker(progress, n_layers, "validate: transformers"),
                                blocks)
+        report.weights = held.fidelity(report.thresholds["weights_rel_error"])
     with stage(report, "transformers, float original"):
         if report.weights["worst_rel_error"] == 0.0:  # the output holds the source's own values: one pass serves
             original = exact
@@ -344,15 +351,21 @@ def _validate(source, output, progress, gate) -> Report:
             original = once(("original", str(source), digest(ids, mask)), lambda: reference_pass(
                 source, source_reader, ids, mask,
                 layer_ticker(progress, n_layers, "validate: transformers, float original"), blocks))
+        if extra is not None:
+            extra_reference = once(("held-out", str(source), digest(*extra)), lambda: reference_pass(
+                source, source_reader, *extra, layer_ticker(progress, n_layers, "held-out: transformers"), blocks)[0])
     float16 = source_dtype(config) == "float16"
     with stage(report, "mlx"):
         out = layerwise.run(model, ids, mask, on_layer=layer_ticker(progress, n_layers, "validate: mlx"),
-                            low_precision=mx.float16 if float16 else None)
+                            low_precision=mx.float16 if float16 else None,
+                            extra=None if extra is None else extra[0])
     with stage(report, "shadow long-range"):
         architecture = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
         shadow_report = once(("shadow", str(source), json.dumps(architecture, sort_keys=True, default=str)),
                              lambda: shadow.check_folders(source, output))
-    if config.get("quantization"):
+    if extra is not None:
+        report.heldout = heldout.metrics(out.extra_logits, extra_reference, *extra)
+    elif quantized:
         with stage(report, "held-out text"):
             report.heldout = heldout.measure(source, output, tokenizer, progress=progress)
 
@@ -415,24 +428,52 @@ def check_consistency(report: Report, out, mask):
             report.failures.append(f"{name}: relative error {err:.2e} > {CONSISTENCY_TOL:.0e}")
 
 
-def weight_fidelity(held, source, bound: float) -> dict:
-    """Each tensor the output holds, mapped back to its checkpoint name, against the source tensor of that name:
-    relative Frobenius error, worst first. A tensor past `bound` was misplaced, zeroed or corrupted."""
+class Compared:
+    """The output's weights (`OutputWeights`) as the reference reads them, each tensor compared with the source
+    tensor of its checkpoint name as it goes by, so the weights are read and dequantized once for both checks."""
+
+    def __init__(self, held, source):
+        self.held, self.source, self.errors = held, source, {}
+
+    def __getattr__(self, name):  # everything else a reader answers (keys, rename, aliases, ...) is `held`'s
+        return getattr(self.held, name)
+
+    def __contains__(self, key):
+        return key in self.held
+
+    def get(self, key):
+        key = self.held.aliases.get(key, key)
+        tensor = self.held.get(key)
+        if key in self.held.held and key not in self.errors and key in self.source:
+            self.errors[key] = tensor_error(self.held, key, tensor, self.source.get(key).float())
+        return tensor
+
+    def fidelity(self, bound: float) -> dict:
+        """`weight_fidelity` of every tensor the output holds: those the reference never read are read now."""
+        return weight_fidelity(self.held, self.source, bound, self.errors)
+
+
+def tensor_error(held, key: str, ours, ref) -> float:
+    """Relative Frobenius error of the output's tensor `ours` against the source's `ref` (float32: the bounds are
+    coarse, >= 1e-2); a tensor stored with a constant folded in (a norm's 1 + w) is judged against the size of
+    what is stored."""
     import torch
 
-    errors = {}
-    for key in sorted(held.held):
-        if key not in source:
-            continue
-        ours, ref = held.get(key), source.get(key).float()  # float32: the bounds are coarse (>= 1e-2)
-        if ours.shape != ref.shape:
-            errors[key] = float("inf")
-            continue
-        # A tensor stored with a constant folded in (a norm's 1 + w) is judged against the size of what is stored.
-        offset = sum(rule.stored_offset(key) for rule in getattr(held, "rules", ()) if hasattr(rule, "stored_offset"))
-        scale = float(torch.linalg.vector_norm(ref + offset))
-        errors[key] = float(torch.linalg.vector_norm(ours - ref) / max(scale, 1e-30))
-        del ours, ref
+    if ours.shape != ref.shape:
+        return float("inf")
+    offset = sum(rule.stored_offset(key) for rule in getattr(held, "rules", ()) if hasattr(rule, "stored_offset"))
+    scale = float(torch.linalg.vector_norm(ref + offset if offset else ref))
+    return float(torch.dist(ours, ref) / max(scale, 1e-30))
+
+
+def weight_fidelity(held, source, bound: float, errors: Optional[dict] = None) -> dict:
+    """Each tensor the output holds, mapped back to its checkpoint name, against the source tensor of that name:
+    relative Frobenius error, worst first. A tensor past `bound` was misplaced, zeroed or corrupted. `errors`:
+    those already measured."""
+    errors = dict(errors or {})
+    for key in sorted(held.held - errors.keys()):
+        if key in source:
+            errors[key] = tensor_error(held, key, held.get(key), source.get(key).float())
     worst = max(errors.items(), key=lambda kv: kv[1], default=(None, 0.0))
     misplaced = sorted(((k, e) for k, e in errors.items() if not e <= bound), key=lambda kv: -kv[1])
     return {"tensors": len(errors), "worst": worst[0], "worst_rel_error": worst[1], "bound": bound,

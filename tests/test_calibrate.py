@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from checkpoints import make_checkpoint
-from convert import ConvertError, calibrate, card, heldout
+from convert import ConvertError, calibrate, card, heldout, validate
 from convert import quantize as q
 from convert.api import run
 from convert.cli import cli
@@ -329,3 +329,14 @@ def test_gate_and_card_report_the_heldout_text_and_the_method(source, tmp_path):
     assert "held-out text: KL" in text and "Quantization method: gptq" in text and "built-in calibration" in text
     bf16 = convert_with(source, tmp_path / "bf16", dtype="bfloat16")
     assert json.loads((bf16.path / "validation.json").read_text())["heldout"] == {}  # floats: nothing to measure
+
+
+def test_gate_measures_the_heldout_text_in_passes_of_its_own_when_its_logits_are_large(source, tmp_path, monkeypatch):
+    """Held-out logits past the budget are not carried beside the probes: the gate measures them apart, same figure."""
+    result = convert_with(source, tmp_path / "out", quantize=True, q_method="rtn")
+    joint = validate.validate(source, result.path)
+    monkeypatch.setattr(heldout, "LOGITS_BYTES", 1)
+    apart = validate.validate(source, result.path)
+    assert "held-out text" in apart.seconds and "held-out text" not in joint.seconds
+    assert apart.heldout["tokens"] == joint.heldout["tokens"] > 50 and apart.passed and joint.passed
+    assert abs(apart.heldout["kl_mean"] - joint.heldout["kl_mean"]) < 1e-6
