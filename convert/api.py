@@ -126,7 +126,7 @@ def run_variants(plans: list, progress: Optional[Callable] = None, log: Optional
 def convert_one(plan: ConvertPlan, src, folder: Path, progress, log) -> ConvertResult:
     """Read, convert, write and gate one output of a fetched source (resumable: see `resume_key`)."""
     with save.scratch(plan.mlx_path) as scratch:  # .bin sources are rewritten here to be read lazily
-        converted = convert_weights(plan, src, source_weights(folder, src, progress, scratch), log)
+        converted = convert_weights(plan, src, source_weights(folder, src, progress, scratch), log, progress, scratch)
         key = resume_key(plan, src)
         with save.staging(plan.mlx_path, plan.overwrite, key) as tmp:
             return write_output(plan, src, folder, tmp, converted, progress, log, save.Manifest(tmp, key))
@@ -160,9 +160,10 @@ class Converted:
     dropped_by_rules: dict = field(default_factory=dict)
 
 
-def convert_weights(plan: ConvertPlan, src, weights: dict, log) -> Converted:
-    """Sanitize, strict-load, cast and quantize; everything stays lazy. A multimodal container gives its text
-    model: its other towers' weights are dropped (reported) and the output config is the text model's."""
+def convert_weights(plan: ConvertPlan, src, weights: dict, log, progress=None, scratch=None) -> Converted:
+    """Sanitize, strict-load, cast and quantize; everything stays lazy (calibrated layers are written to the folder
+    `scratch` and read again lazily, when given). A multimodal container gives its text model: its other towers'
+    weights are dropped (reported) and the output config is the text model's."""
     container = containers.dropped_weights(src.config, weights)
     if container:
         log(containers.describe(container))
@@ -177,7 +178,7 @@ def convert_weights(plan: ConvertPlan, src, weights: dict, log) -> Converted:
     else:
         q.cast(model, dtype)
     if plan.quantize:
-        quant = q.quantize(model, plan, src.folder, log)
+        quant = q.quantize(model, plan, src.folder, log, scratch, progress)
     elif not plan.dequantize:
         quant = q.source_quantization(model)  # layers the source stores quantized stay as they are
     for skipped in quant.skipped:

@@ -28,7 +28,7 @@ import inspect
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -594,8 +594,10 @@ class LayerwiseQuantizer:
     """Runs calibration batches through `model` one decoder layer at a time (float32 activations), quantizing the
     layers in `settings` ({path: {bits, group_size, mode: affine}}) on the way; see the module docstring."""
 
-    def __init__(self, model, settings: dict, method: str, spill: Optional[Path] = None):
+    def __init__(self, model, settings: dict, method: str, spill: Optional[Path] = None,
+                 progress: Optional[Callable] = None):
         self.model, self.settings, self.method, self.spill = model, settings, method, spill
+        self.progress = progress or (lambda iterable, **kwargs: iterable)
         self.report = CalibrationReport(method)
 
     def install(self, root, prefix: str, name: str, modules: dict, results: dict):
@@ -625,7 +627,7 @@ class LayerwiseQuantizer:
         # What the layers read besides the hidden states (the model's `stream_context`, e.g. the token embeddings).
         self.contexts = [model.stream_context(mx.array(b), h) for b, h in zip(batches, hidden)]
         paths = {id(m): p for p, m in model.named_modules()}
-        for i in range(len(model.layers)):
+        for i in self.progress(range(len(model.layers)), desc=f"quantize: {self.method}", unit="layer"):
             hidden = self.layer(paths[id(model.layers[i])], i, hidden, [m[i] for m in masks])
         self.head(hidden)
         self.report.seconds = time.perf_counter() - start

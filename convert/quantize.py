@@ -118,11 +118,12 @@ def check_applicable(config: dict, plan: ConvertPlan):
                            "another --q-group-size")
 
 
-def quantize(model, plan: ConvertPlan, tokenizer_folder=None, log=None, scratch=None) -> QuantReport:
+def quantize(model, plan: ConvertPlan, tokenizer_folder=None, log=None, scratch=None, progress=None) -> QuantReport:
     """Quantize `model` in place as `plan` says. The gptq and search methods calibrate the affine layers they
     handle (convert/calibrate.py) on text tokenized by the tokenizer in `tokenizer_folder`, writing each layer's
     result to the folder `scratch` (when given) to be read again lazily by save; the rest (block formats, layers
-    calibration does not handle) is rounded to nearest by `nn.quantize`."""
+    calibration does not handle) is rounded to nearest by `nn.quantize`. `progress(iterable, desc=, unit=)` shows
+    calibration layer by layer."""
     settings, skipped = layer_settings(model, plan)
     excluded = excluded_layers(model)
     log = log or (lambda message: None)
@@ -141,7 +142,7 @@ def quantize(model, plan: ConvertPlan, tokenizer_folder=None, log=None, scratch=
         widths = [params["bits"] for params in affine.values()]
         default["bits"] = max(set(widths), key=widths.count)  # the config's default: the commonest width
     if method != "rtn" and affine:
-        calibration = calibrated(model, plan, method, affine, tokenizer_folder, scratch)
+        calibration = calibrated(model, plan, method, affine, tokenizer_folder, scratch, progress)
         log(f"quantization: {calibration.summary()}")
     modules = dict(model.named_modules())
     rest = {path: params for path, params in settings.items() if hasattr(modules[path], "to_quantized")}
@@ -201,12 +202,12 @@ def quantization_method(model, plan: ConvertPlan, settings: dict, tokenizer_fold
     return plan.method
 
 
-def calibrated(model, plan: ConvertPlan, method: str, settings: dict, tokenizer_folder, scratch=None):
+def calibrated(model, plan: ConvertPlan, method: str, settings: dict, tokenizer_folder, scratch=None, progress=None):
     """Quantize the layers in `settings` with a calibrated method; returns the CalibrationReport."""
     from . import calibrate
 
     batches = calibration_batches(model, plan, settings, tokenizer_folder, f"--q-method {method}")
-    return calibrate.LayerwiseQuantizer(model, settings, method, scratch).run(batches)
+    return calibrate.LayerwiseQuantizer(model, settings, method, scratch, progress).run(batches)
 
 
 def calibration_batches(model, plan: ConvertPlan, settings: dict, tokenizer_folder, option: str) -> list:

@@ -445,7 +445,7 @@ class Compared:
         key = self.held.aliases.get(key, key)
         tensor = self.held.get(key)
         if key in self.held.held and key not in self.errors and key in self.source:
-            self.errors[key] = tensor_error(self.held, key, tensor, self.source.get(key).float())
+            self.errors[key] = tensor_error(self.held, key, tensor, self.source.get(key))
         return tensor
 
     def fidelity(self, bound: float) -> dict:
@@ -454,16 +454,25 @@ class Compared:
 
 
 def tensor_error(held, key: str, ours, ref) -> float:
-    """Relative Frobenius error of the output's tensor `ours` against the source's `ref` (float32: the bounds are
-    coarse, >= 1e-2); a tensor stored with a constant folded in (a norm's 1 + w) is judged against the size of
-    what is stored."""
+    """Relative Frobenius error of the output's tensor `ours` (float32) against the source's `ref` (in float32,
+    a block of rows at a time: no float32 copy of a large source tensor); a tensor stored with a constant folded
+    in (a norm's 1 + w) is judged against the size of what is stored."""
     import torch
 
     if ours.shape != ref.shape:
         return float("inf")
     offset = sum(rule.stored_offset(key) for rule in getattr(held, "rules", ()) if hasattr(rule, "stored_offset"))
-    scale = float(torch.linalg.vector_norm(ref + offset if offset else ref))
-    return float(torch.dist(ours, ref) / max(scale, 1e-30))
+    ours, ref = ours.reshape(ours.shape[0] if ours.ndim else 1, -1), ref.reshape(ref.shape[0] if ref.ndim else 1, -1)
+    step = max(1, ERROR_BLOCK // max(ref.shape[1], 1))
+    error = size = 0.0
+    for start in range(0, ref.shape[0], step):
+        block = ref[start:start + step].float()
+        error += float(torch.dist(ours[start:start + step], block)) ** 2
+        size += float(torch.linalg.vector_norm(block + offset if offset else block)) ** 2
+    return math.sqrt(error) / max(math.sqrt(size), 1e-30)
+
+
+ERROR_BLOCK = 1 << 22  # elements of a source tensor made float32 at a time by `tensor_error`
 
 
 def weight_fidelity(held, source, bound: float, errors: Optional[dict] = None) -> dict:
@@ -473,7 +482,7 @@ def weight_fidelity(held, source, bound: float, errors: Optional[dict] = None) -
     errors = dict(errors or {})
     for key in sorted(held.held - errors.keys()):
         if key in source:
-            errors[key] = tensor_error(held, key, held.get(key), source.get(key).float())
+            errors[key] = tensor_error(held, key, held.get(key), source.get(key))
     worst = max(errors.items(), key=lambda kv: kv[1], default=(None, 0.0))
     misplaced = sorted(((k, e) for k, e in errors.items() if not e <= bound), key=lambda kv: -kv[1])
     return {"tensors": len(errors), "worst": worst[0], "worst_rel_error": worst[1], "bound": bound,

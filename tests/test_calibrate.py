@@ -340,3 +340,22 @@ def test_gate_measures_the_heldout_text_in_passes_of_its_own_when_its_logits_are
     assert "held-out text" in apart.seconds and "held-out text" not in joint.seconds
     assert apart.heldout["tokens"] == joint.heldout["tokens"] > 50 and apart.passed and joint.passed
     assert abs(apart.heldout["kl_mean"] - joint.heldout["kl_mean"]) < 1e-6
+
+
+def test_pipeline_calibration_shows_progress_and_spills_each_layer_to_scratch(source, tmp_path, monkeypatch):
+    """The pipeline hands calibration its scratch folder (quantized layers done so far are not held in memory)
+    and a progress bar over the layers."""
+    spills, install = [], calibrate.LayerwiseQuantizer.install
+
+    def recorded(self, root, prefix, name, modules, results):
+        spills.append(self.spill is not None and self.spill.is_dir())
+        return install(self, root, prefix, name, modules, results)
+
+    monkeypatch.setattr(calibrate.LayerwiseQuantizer, "install", recorded)
+    bars = []
+    plan = ConvertPlan(hf_path=str(source), mlx_path=tmp_path / "out", quantize=True, q_method="gptq",
+                       skip_validation=True)
+    run(plan, progress=lambda iterable, desc=None, unit=None: bars.append((desc, unit)) or iterable)
+    assert ("quantize: gptq", "layer") in bars
+    assert spills and all(spills)
+    assert not any(p.name.startswith("calibrated-") for p in (tmp_path / "out").iterdir())
