@@ -221,7 +221,7 @@ def output_rules(config: dict, source: TensorSource) -> list:
 
 def float_weights(stored: dict, config: dict) -> dict:
     """Stored MLX weights with every quantized (weight, scales, biases) group replaced by its float32 weight."""
-    import mlx.core as mx
+    from mlx_arch.core.quant import dequantize
 
     quant = config.get("quantization") or config.get("quantization_config") or {}
     out = {}
@@ -234,8 +234,7 @@ def float_weights(stored: dict, config: dict) -> dict:
                       "mode": quant.get("mode", "affine")}
             if isinstance(quant.get(base), dict):
                 params.update({k: v for k, v in quant[base].items() if k in params})
-            out[key] = mx.dequantize(value, stored[f"{base}.scales"], stored.get(f"{base}.biases"),
-                                     **params).astype(mx.float32)
+            out[key] = dequantize(value, stored[f"{base}.scales"], stored.get(f"{base}.biases"), **params)
     return out
 
 

@@ -2,7 +2,10 @@
 its own settings), and the per-layer entries mlx-lm reads, checked by loading the output in mlx-lm."""
 
 import json
+import os
 
+import mlx.core as mx
+import numpy as np
 import pytest
 
 import mlx_arch
@@ -95,3 +98,21 @@ def test_recipe_follows_the_model_not_layer_names(tmp_path, model_type, override
     if head:
         assert quant[head] == six
     assert result.validation.passed, result.validation.failures
+
+
+@pytest.mark.parametrize("bits,mode,group_size", [(2, "affine", 64), (3, "affine", 32), (4, "affine", 64),
+                                                  (5, "affine", 64), (6, "affine", 32), (8, "affine", 64),
+                                                  (4, "mxfp4", 32)])
+@pytest.mark.parametrize("shape", [(37, 256), (3, 9, 128)])
+def test_dequantize_split_over_cpu_streams_is_mx_dequantize(bits, mode, group_size, shape):
+    """The gate's dequantization (rows split over CPU streams) gives mx.dequantize's values bit for bit."""
+    from mlx_arch.core import quant
+
+    w = (mx.random.normal(shape, key=mx.random.key(bits)) * 0.05).astype(mx.bfloat16)
+    q = mx.quantize(w, group_size=group_size, bits=bits, mode=mode)
+    biases = q[2] if len(q) > 2 else None
+    with mx.stream(mx.cpu):
+        ours = quant.dequantize(q[0], q[1], biases, group_size=group_size, bits=bits, mode=mode)
+        ref = mx.dequantize(q[0], q[1], biases, group_size=group_size, bits=bits, mode=mode).astype(mx.float32)
+    assert len(quant._CPU_STREAMS) >= 2 or (os.cpu_count() or 1) < 2  # the split path ran (one stream per core)
+    assert ours.dtype == mx.float32 and np.array_equal(np.array(ours), np.array(ref))
