@@ -41,9 +41,12 @@ def build_checkpoint(path: Path, shape: dict):
     h, i, v, n = shape["hidden_size"], shape["intermediate_size"], shape["vocab_size"], shape["num_hidden_layers"]
     kv = h // shape["num_attention_heads"] * shape["num_key_value_heads"]
     gen = torch.Generator().manual_seed(0)
+    # 0.02 at TinyLlama's width; wider models get smaller weights, so that each layer keeps the activations' scale
+    # (with 0.02 at width 6144 they grow ~1.6x per product and the random model is hypersensitive to any rounding)
+    std = 0.02 * min(1.0, (2048 / h) ** 0.5)
 
     def rand(*dims):
-        return (torch.randn(dims, generator=gen) * 0.02).to(torch.bfloat16)
+        return (torch.randn(dims, generator=gen) * std).to(torch.bfloat16)
 
     weight_map = {}
     save_file({"model.embed_tokens.weight": rand(v, h), "lm_head.weight": rand(v, h),

@@ -2,7 +2,7 @@
 process, twice each, so that MLX's first-use kernel compilation shows as the difference between the first and the
 second run; prints a table with wall times, the gate's parts, and peak host and GPU memory.
 
-    python scripts/bench_gpu.py [--shape tinyllama|7b] [--workdir /tmp/bench-gpu]
+    python scripts/bench_gpu.py [--shape tinyllama|7b] [--layers N] [--workdir /tmp/bench-gpu]
 """
 
 import argparse
@@ -38,13 +38,16 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="tinyllama")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/bench-gpu"))
+    parser.add_argument("--layers", type=int, help="decoder layers (default: the shape's); first-use compilation "
+                        "depends on the shapes of the products, not on depth, so a few layers measure it")
     parser.add_argument("--runs", type=int, default=2, help="runs of each command (2 shows compilation apart)")
     parser.add_argument("--q-method", default="rtn", help="rtn (default: mlx-lm's rounding, so the gate's cost "
                         "shows alone), search or gptq (calibration runs on the CPU in numpy)")
     args = parser.parse_args()
-    src = args.workdir / f"src-{args.shape}"
+    shape = {**SHAPES[args.shape], **({"num_hidden_layers": args.layers} if args.layers else {})}
+    src = args.workdir / f"src-{args.shape}-{shape['num_hidden_layers']}"
     start = time.time()
-    build_checkpoint(src, SHAPES[args.shape])
+    build_checkpoint(src, shape)
     print(f"device {mx.default_device()}, checkpoint built in {time.time() - start:.0f} s", flush=True)
     rows = []
     plan = [(f"bare convert (run {i + 1})", dict(skip_validation=True)) for i in range(args.runs)]
