@@ -94,11 +94,6 @@ def metrics(ours: np.ndarray, ref: np.ndarray, ids: np.ndarray, mask: np.ndarray
     return summarize([token_stats(ours, ref, ids, mask)])
 
 
-def fits(rows: list, vocab_size: int) -> bool:
-    """Whether the padded float32 logits of `rows` fit in LOGITS_BYTES."""
-    return len(rows) * max(len(r) for r in rows) * vocab_size * 4 <= LOGITS_BYTES
-
-
 def passes(rows: list, vocab_size: int, budget: int = LOGITS_BYTES) -> list:
     """`rows` in consecutive groups whose padded float32 logits fit in `budget` bytes, as (ids, mask) batches."""
     groups, current = [], []

@@ -162,10 +162,9 @@ def run(model, ids: np.ndarray, mask: np.ndarray, on_layer: Optional[Callable] =
     cached = [model.embed(mx.array(ids[:1, a:b]), a) for a, b in chunks]
     cached_context = [model.stream_context(mx.array(ids[:1, a:b]), h) for h, (a, b) in zip(cached, chunks)]
     caches = model.make_cache()
-    if extra is not None:
-        extra_ids = mx.array(extra)
-        extra = model.embed(extra_ids)
-        extra_masks, extra_context = model.masks(extra), model.stream_context(extra_ids, extra)
+    held_out = None if extra is None else model.embed(mx.array(extra))
+    if held_out is not None:
+        extra_masks, extra_context = model.masks(held_out), model.stream_context(mx.array(extra), held_out)
     n_layers = len(model.layers)
     hidden = []
     low = None if low_precision is None else batch.astype(low_precision)
@@ -182,9 +181,9 @@ def run(model, ids: np.ndarray, mask: np.ndarray, on_layer: Optional[Callable] =
         cached = [layer(h, model.masks(h, [caches[i]], a, kinds=[layer.kind])[0], caches[i],
                         *model.layer_args(context, i))
                   for h, (a, _), context in zip(cached, chunks, cached_context)]
-        if extra is not None:
-            extra = layer(extra, extra_masks[i], None, *model.layer_args(extra_context, i))
-        mx.eval(batch, alone, cached, extra)
+        if held_out is not None:
+            held_out = layer(held_out, extra_masks[i], None, *model.layer_args(extra_context, i))
+        mx.eval(batch, alone, cached, held_out)
         hidden.append(np.array(batch))
         if low is not None:
             as_dtype(layer, low_precision)
@@ -199,7 +198,7 @@ def run(model, ids: np.ndarray, mask: np.ndarray, on_layer: Optional[Callable] =
         layers=hidden,
         alone={r: np.array(model.head(h)) for r, h in alone.items()},
         cached=np.array(model.head(mx.concatenate(cached, axis=1))),
-        extra_logits=None if extra is None else np.array(model.head(extra)),
+        extra_logits=None if held_out is None else np.array(model.head(held_out)),
     )
     if low is not None:
         as_dtype(model, low_precision)  # what is left: embedding, final norm, head

@@ -331,8 +331,9 @@ def _validate(source, output, progress, gate) -> Report:
     # (`heldout.measure`). On the transformers side it is a pass of its own: padding it to the probes' width
     # would cost more than reading the float weights again.
     quantized = bool(config.get("quantization"))
-    extra = heldout.rows(tokenizer, vocab_size) if quantized else []
-    extra = heldout.padded(extra) if extra and heldout.fits(extra, vocab_size) else None
+    held_out_rows = heldout.rows(tokenizer, vocab_size) if quantized else []
+    batches = heldout.passes(held_out_rows, vocab_size, heldout.LOGITS_BYTES) if held_out_rows else []
+    extra = batches[0] if len(batches) == 1 else None  # (ids, mask)
     ids, mask = padded(rows)
     report.prompts, report.tokens = ids.shape[0], int(mask.sum())
     source_reader = CheckpointReader(source)
@@ -462,7 +463,8 @@ def tensor_error(held, key: str, ours, ref) -> float:
     if ours.shape != ref.shape:
         return float("inf")
     offset = sum(rule.stored_offset(key) for rule in getattr(held, "rules", ()) if hasattr(rule, "stored_offset"))
-    ours, ref = ours.reshape(ours.shape[0] if ours.ndim else 1, -1), ref.reshape(ref.shape[0] if ref.ndim else 1, -1)
+    rows = ref.shape[0] if ref.ndim else 1
+    ours, ref = ours.reshape(rows, -1), ref.reshape(rows, -1)
     step = max(1, ERROR_BLOCK // max(ref.shape[1], 1))
     error = size = 0.0
     for start in range(0, ref.shape[0], step):

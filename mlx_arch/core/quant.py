@@ -49,12 +49,10 @@ def dequantize(w, scales, biases: Optional[mx.array], dtype=mx.float32, **params
     in parallel (its CPU kernel uses one thread; 4.3x faster with 16 streams on a 16-core machine); every value is
     computed by the same kernel as without the split, so the result is identical. With fewer than SPLIT_CORES cores
     there is one stream (on 2 cores the split measured no faster: 81 s against 72 s for the 1.1B gate)."""
-    if mx.default_device() != mx.cpu:
+    streams = cpu_streams() if mx.default_device() == mx.cpu else []
+    if w.ndim < 2 or len(streams) < 2:
         return mx.dequantize(w, scales, biases, **params).astype(dtype)
-    streams = cpu_streams()
-    step = -(-w.shape[0] // len(streams)) if w.ndim >= 2 else 0
-    if step == 0 or step == w.shape[0]:
-        return mx.dequantize(w, scales, biases, **params).astype(dtype)
+    step = -(-w.shape[0] // len(streams))
     parts = [mx.dequantize(w[i:i + step], scales[i:i + step], None if biases is None else biases[i:i + step],
                            stream=stream, **params).astype(dtype, stream=stream)
              for i, stream in zip(range(0, w.shape[0], step), streams)]
