@@ -274,6 +274,10 @@ def _validate_existing(plan, progress, log):
 
 def validated(source_folder: Path, out: Path, progress, log) -> validate.Report:
     """The gate's report on `out`, written to validation.json and shown as a table."""
+    from .backend import setup_notes
+
+    for note in setup_notes():
+        log("note: " + note)
     report = validate.validate(source_folder, out, progress)
     validate.write_report(report, out)
     log(validate.summary_table(report))
