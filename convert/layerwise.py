@@ -73,12 +73,10 @@ class RowBlocks(nn.Module):
     def rows(self, start: int, stop: int):
         m = self.stored.module
         if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
-            w = mx.dequantize(m.weight[start:stop], m.scales[start:stop],
-                              None if m.get("biases") is None else m.biases[start:stop],
-                              group_size=m.group_size, bits=m.bits, mode=m.mode)
-        else:
-            w = m.weight[start:stop]
-        return w.astype(self.dtype)
+            return quant.dequantize(m.weight[start:stop], m.scales[start:stop],
+                                    None if m.get("biases") is None else m.biases[start:stop], self.dtype,
+                                    group_size=m.group_size, bits=m.bits, mode=m.mode)
+        return m.weight[start:stop].astype(self.dtype)
 
     def as_linear(self, x):
         n = self.stored.module.weight.shape[0]

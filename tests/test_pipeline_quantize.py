@@ -100,17 +100,19 @@ def test_recipe_follows_the_model_not_layer_names(tmp_path, model_type, override
 
 
 @pytest.mark.parametrize("bits,mode,group_size", [(2, "affine", 64), (3, "affine", 32), (4, "affine", 64),
-                                                  (5, "affine", 64), (6, "affine", 32), (8, "affine", 64),
-                                                  (4, "mxfp4", 32)])
+                                                  (4, "affine", 128), (5, "affine", 64), (6, "affine", 32),
+                                                  (8, "affine", 64), (8, "affine", 32), (4, "mxfp4", 32)])
 @pytest.mark.parametrize("shape", [(37, 256), (3, 9, 128)])
-def test_dequantize_split_over_cpu_streams_is_mx_dequantize(bits, mode, group_size, shape, monkeypatch):
-    """The gate's dequantization (rows split over CPU streams, as on machines with many cores) gives mx.dequantize's
-    values bit for bit."""
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16, mx.float32])
+@pytest.mark.parametrize("streams", [1, 3])
+def test_gate_dequantize_is_mx_dequantize(bits, mode, group_size, shape, dtype, streams, monkeypatch):
+    """The gate's dequantization (affine 2/4/8 bits as elementwise ops; rows split over CPU streams, as on machines
+    with many cores) gives mx.dequantize's values bit for bit, whatever the scales' dtype."""
     from mlx_arch.core import quant
 
-    monkeypatch.setattr(quant, "_CPU_STREAMS", [mx.new_stream(mx.cpu) for _ in range(3)])
-
-    w = (mx.random.normal(shape, key=mx.random.key(bits)) * 0.05).astype(mx.bfloat16)
+    monkeypatch.setattr(quant, "_CPU_STREAMS", [mx.new_stream(mx.cpu) for _ in range(streams)])
+    scale = mx.exp(mx.random.normal(shape[:-1] + (1,), key=mx.random.key(7)) * 2)  # rows of very different size
+    w = (mx.random.normal(shape, key=mx.random.key(bits)) * 0.05 * scale).astype(dtype)
     q = mx.quantize(w, group_size=group_size, bits=bits, mode=mode)
     biases = q[2] if len(q) > 2 else None
     with mx.stream(mx.cpu):
