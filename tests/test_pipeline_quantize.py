@@ -106,8 +106,8 @@ def test_recipe_follows_the_model_not_layer_names(tmp_path, model_type, override
 @pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16, mx.float32])
 @pytest.mark.parametrize("streams", [1, 3])
 def test_gate_dequantize_is_mx_dequantize(bits, mode, group_size, shape, dtype, streams, monkeypatch):
-    """The gate's dequantization (affine 2/4/8 bits as elementwise ops; rows split over CPU streams, as on machines
-    with many cores) gives mx.dequantize's values bit for bit, whatever the scales' dtype."""
+    """The gate's dequantization (affine as elementwise ops, every bit width; rows split over CPU streams, as on
+    machines with many cores) gives mx.dequantize's values bit for bit, whatever the scales' dtype."""
     from mlx_arch.core import quant
 
     monkeypatch.setattr(quant, "_CPU_STREAMS", [mx.new_stream(mx.cpu) for _ in range(streams)])
