@@ -468,9 +468,9 @@ def tensor_error(held, key: str, ours, ref) -> float:
     step = max(1, ERROR_BLOCK // max(ref.shape[1], 1))
     error = size = 0.0
     for start in range(0, ref.shape[0], step):
-        block = ref[start:start + step]  # the difference and the norm promote it to float32 as they read it
-        error += float(torch.linalg.vector_norm(ours[start:start + step] - block)) ** 2
-        size += float(torch.linalg.vector_norm(block.float() + offset if offset else block, dtype=torch.float32)) ** 2
+        block = ref[start:start + step].float()
+        error += float(torch.dist(ours[start:start + step], block)) ** 2
+        size += float(torch.linalg.vector_norm(block + offset if offset else block)) ** 2
     return math.sqrt(error) / max(math.sqrt(size), 1e-30)
 
 
