@@ -55,13 +55,20 @@ def choose(default=None, probe=matmul_precision) -> GateBackend:
     cpu = probe(mx.cpu)
     note = (f"the {default} device's float32 products have relative error {precision:.1e} (true float32: "
             f"{cpu:.0e}); the gate's MLX checks ran on the CPU, in true float32")
-    return GateBackend(str(default), precision, str(mx.cpu), cpu, note, blas.STATUS)
+    return GateBackend(str(default), precision, cpu_name(), cpu, note, blas.STATUS)
+
+
+def cpu_name() -> str:
+    """The CPU device as reports name it ("Device(cpu, 0)", like the default device; not "DeviceType.cpu")."""
+    import mlx.core as mx
+
+    return str(mx.Device(mx.cpu))
 
 
 def device_of(backend: GateBackend):
     import mlx.core as mx
 
-    return mx.cpu if backend.device == str(mx.cpu) else mx.default_device()
+    return mx.cpu if backend.device == cpu_name() else mx.default_device()
 
 
 # MLX's backends on Linux: each of these distributions installs its own `mlx/lib/libmlx.so` (the `mlx` package
