@@ -30,7 +30,8 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
-from .calibrate import _Hessians, blas_threads, capture, float_twin, gptq_plan, head_hessians, solve, stacked, swap
+from .calibrate import (_Hessians, blas_threads, calibration_threads, capture, float_twin, gptq_plan, head_hessians,
+                        solve, stacked, swap)
 from .errors import ConvertError
 from .plan import AFFINE_BITS
 
@@ -295,7 +296,7 @@ def allocate(model, settings: dict, target: float, batches: list, dtype: str, lo
     if ceiling <= target * total:
         raise ConvertError(f"--target-bpw {target:g} is at or above what {widths[-1]}-bit layers give this model "
                            f"({ceiling / total:.3f} bits per weight): use --q-bits {widths[-1]}")
-    with blas_threads(1):
+    with blas_threads(calibration_threads()):
         sums = fisher(model, list(settings), batches)
         errors = measured_errors(model, settings, batches, sums, widths, dtype, method)
     base = max(b for b in widths if b + 2 * scale_bits(dtype) / group <= target) if target >= widths[0] else widths[0]

@@ -359,3 +359,25 @@ def test_pipeline_calibration_shows_progress_and_spills_each_layer_to_scratch(so
     assert ("quantize: gptq", "layer") in bars
     assert spills and all(spills)
     assert not any(p.name.startswith("calibrated-") for p in (tmp_path / "out").iterdir())
+
+
+def test_calibration_uses_every_core_unless_they_are_busy(monkeypatch):
+    """One BLAS thread only when other work already keeps every core busy (load average); otherwise the libraries'
+    defaults stay (measured faster on an idle machine)."""
+    import os
+
+    import torch
+
+    from convert import calibrate
+
+    cores = os.cpu_count() or 1
+    monkeypatch.setattr(os, "getloadavg", lambda: (float(cores), 0.0, 0.0))
+    assert calibrate.calibration_threads() == 1
+    monkeypatch.setattr(os, "getloadavg", lambda: (cores - 0.9, 0.0, 0.0))
+    assert calibrate.calibration_threads() is None
+    before = torch.get_num_threads()
+    with calibrate.blas_threads(None):
+        assert torch.get_num_threads() == before
+    with calibrate.blas_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
