@@ -50,8 +50,8 @@ def choose(default=None, probe=matmul_precision) -> GateBackend:
     default = default if default is not None else mx.default_device()
     precision = probe(default)
     if precision <= TRUE_FLOAT32 or default == mx.cpu:
-        return GateBackend(str(default), precision, str(default), precision, blas=blas.STATUS if default == mx.cpu
-                           else "")
+        on_cpu = default == mx.cpu
+        return GateBackend(str(default), precision, str(default), precision, blas=blas.STATUS if on_cpu else "")
     cpu = probe(mx.cpu)
     note = (f"the {default} device's float32 products have relative error {precision:.1e} (true float32: "
             f"{cpu:.0e}); the gate's MLX checks ran on the CPU, in true float32")

@@ -572,8 +572,9 @@ def summary_table(report: Report) -> str:
     ]
     if report.backend:
         b = report.backend
-        rows.append(("MLX checks ran on", f"{b['device']} (float32 product error {b['precision']:.0e}"
-                     + (f", BLAS: {b['blas']}" if b.get("blas") else "") + ")" + (f"; {b['note']}" if b["note"] else "")))
+        blas = f", BLAS: {b['blas']}" if b.get("blas") else ""
+        rows.append(("MLX checks ran on", f"{b['device']} (float32 product error {b['precision']:.0e}{blas})"
+                     + (f"; {b['note']}" if b["note"] else "")))
     p = report.parity
     if p:
         worst = max(range(len(p["layers"])), key=lambda i: p["layers"][i]) if p["layers"] else None

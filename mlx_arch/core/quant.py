@@ -45,11 +45,11 @@ def cpu_streams() -> list:
 
 
 def dequantize(w, scales, biases: Optional[mx.array], dtype=mx.float32, **params) -> mx.array:
-    """`mx.dequantize(...)` cast to `dtype`, with the same values (tested for every mode and bit width), computed
-    faster: affine weights by elementwise ops (`_affine`), and on the CPU the rows split over one
-    stream per core, which MLX runs in parallel (its CPU kernels use one thread; 4.3x faster with 16 streams on a
-    16-core machine). With fewer than SPLIT_CORES cores there is one stream (on 2 cores the split measured no
-    faster: 81 s against 72 s for the 1.1B gate)."""
+    """`mx.dequantize(...)` cast to `dtype`, with the same values (tested for every affine bit width and mxfp4),
+    computed faster: affine weights by elementwise ops (`_affine`), and on the CPU the rows split over one stream
+    per core, which MLX runs in parallel (its CPU kernels use one thread; 4.3x faster with 16 streams on a 16-core
+    machine). With fewer than SPLIT_CORES cores there is one stream (on 2 cores the split measured no faster: 81 s
+    against 72 s for the 1.1B gate)."""
     streams = cpu_streams() if mx.default_device() == mx.cpu else []
     if w.ndim < 2 or len(streams) < 2:
         return _dequantize(w, scales, biases, dtype, **params)
