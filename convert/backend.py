@@ -7,6 +7,7 @@ MLX checks on the CPU device, which is; the report states the device and the pre
 
 import base64
 import hashlib
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
@@ -132,8 +133,6 @@ def install_problem(path: Optional[list] = None) -> str:
 
 def setup_notes(path: Optional[list] = None) -> list:
     """One-line notes on what makes this machine's gate slower than it could be, for the log."""
-    import sys
-
     from . import blas
 
     notes = [install_problem(path)] if sys.platform.startswith("linux") else []

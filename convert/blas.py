@@ -62,7 +62,7 @@ def _standard_soname_copy(library: str, soname: str) -> str:
 def _load_gfortran_from_mlx():
     """Load the MLX backend wheel's bundled libgfortran (and its libquadmath) under the standard SONAME: mlx-cpu's
     (`mlx_cpu.libs`) or, on a CUDA install, mlx-cuda-13's (`mlx_cuda_13.libs`)."""
-    gfortran = _find("mlx_cpu.libs/libgfortran-*.so.5*") or _find("mlx_cuda_*.libs/libgfortran-*.so.5*")
+    gfortran = _find("mlx_*.libs/libgfortran-*.so.5*")
     if gfortran is None:
         raise OSError("no libgfortran.so.5 on this machine and none bundled with mlx")
     for dep in glob.glob(os.path.join(os.path.dirname(gfortran), "libquadmath-*")):

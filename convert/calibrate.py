@@ -323,6 +323,7 @@ def gptq(w: np.ndarray, h: np.ndarray, bits: int, group_size: int, dtype: str, u
     # column p of w is column order[p] of the weight; C order (indexing columns gives Fortran order, in which the
     # block updates below ran 10x slower)
     w = np.ascontiguousarray(w[:, order], dtype=np.float32)
+    w_view, u_view = torch.from_numpy(w), torch.from_numpy(u)  # the same memory, for the block updates
     position = np.argsort(order)
     energy = np.diag(h).astype(np.float32)
     rows = w.shape[0]
@@ -353,7 +354,7 @@ def gptq(w: np.ndarray, h: np.ndarray, bits: int, group_size: int, dtype: str, u
             errors[j] = (part[j] - (s * q + b)) / u[p, p]  # (the stored rounding of s * q + b is negligible here)
             part[j + 1:] -= u[p, p + 1:b1, None] * errors[j][None]  # (the rest of the block)
         # w[:, b1:] -= errors.T @ u[b0:b1, b1:], in place (numpy's temporary and subtraction took twice as long)
-        torch.from_numpy(w)[:, b1:].addmm_(torch.from_numpy(errors).T, torch.from_numpy(u)[b0:b1, b1:], alpha=-1)
+        w_view[:, b1:].addmm_(torch.from_numpy(errors).T, u_view[b0:b1, b1:], alpha=-1)
     return Affine(codes, scales, biases, bits, group_size, dtype)
 
 

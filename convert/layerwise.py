@@ -73,9 +73,7 @@ class RowBlocks(nn.Module):
     def rows(self, start: int, stop: int):
         m = self.stored.module
         if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
-            return quant.dequantize(m.weight[start:stop], m.scales[start:stop],
-                                    None if m.get("biases") is None else m.biases[start:stop], self.dtype,
-                                    group_size=m.group_size, bits=m.bits, mode=m.mode)
+            return quant.dequantized_weight(m, slice(start, stop), self.dtype)
         return m.weight[start:stop].astype(self.dtype)
 
     def as_linear(self, x):
@@ -160,9 +158,11 @@ def run(model, ids: np.ndarray, mask: np.ndarray, on_layer: Optional[Callable] =
     cached = [model.embed(mx.array(ids[:1, a:b]), a) for a, b in chunks]
     cached_context = [model.stream_context(mx.array(ids[:1, a:b]), h) for h, (a, b) in zip(cached, chunks)]
     caches = model.make_cache()
-    held_out = None if extra is None else model.embed(mx.array(extra))
-    if held_out is not None:
-        extra_masks, extra_context = model.masks(held_out), model.stream_context(mx.array(extra), held_out)
+    held_out = None
+    if extra is not None:
+        extra_ids = mx.array(extra)
+        held_out = model.embed(extra_ids)
+        extra_masks, extra_context = model.masks(held_out), model.stream_context(extra_ids, held_out)
     n_layers = len(model.layers)
     hidden = []
     low = None if low_precision is None else batch.astype(low_precision)

@@ -25,10 +25,11 @@ def is_quantized(module) -> bool:
     return isinstance(module, quantized_types())
 
 
-def dequantized_weight(module) -> mx.array:
-    """The float32 weight a quantized module computes with, exactly as the MLX format defines it."""
-    return dequantize(module.weight, module.scales, module.get("biases"), group_size=module.group_size,
-                      bits=module.bits, mode=module.mode)
+def dequantized_weight(module, rows: slice = slice(None), dtype=mx.float32) -> mx.array:
+    """The weight (its `rows`) a quantized module computes with, exactly as the MLX format defines it, in `dtype`."""
+    biases = module.get("biases")
+    return dequantize(module.weight[rows], module.scales[rows], None if biases is None else biases[rows], dtype,
+                      group_size=module.group_size, bits=module.bits, mode=module.mode)
 
 
 _CPU_STREAMS: list = []
