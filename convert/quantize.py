@@ -1,6 +1,7 @@
 """Model assembly, cast and quantization. Arrays stay lazy here: the work happens when save evaluates a shard
 (calibrated methods excepted: they compute each layer's quantized weights as they go, see calibrate.py)."""
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -145,8 +146,8 @@ def quantize(model, plan: ConvertPlan, tokenizer_folder=None, log=None, scratch=
         calibration = calibrated(model, plan, method, affine, tokenizer_folder, scratch, progress)
         log(f"quantization: {calibration.summary()}")
     modules = dict(model.named_modules())
-    rest = {path: params for path, params in settings.items() if hasattr(modules[path], "to_quantized")}
-    nn.quantize(model, class_predicate=lambda path, module: rest.get(path, False))
+    round_to_nearest(model, {path: params for path, params in settings.items()
+                             if hasattr(modules[path], "to_quantized")})
     # mlx-lm reads per-layer entries: a dict where a layer differs from the default, False where it stays float.
     overrides = {path: params for path, params in settings.items() if params != default}
     overrides.update({path: False for path in [*excluded, *skipped]})
@@ -160,6 +161,50 @@ def quantize(model, plan: ConvertPlan, tokenizer_folder=None, log=None, scratch=
                        excluded=excluded, method=method, calibration=calibration, allocation=allocation,
                        method_description=plan.describe_method(method) + (f"; {allocation.summary()}"
                                                                           if allocation else ""))
+
+
+_STREAMS: list = []
+
+
+def quantize_streams() -> list:
+    """Where `round_to_nearest` quantizes: on the CPU one new stream per core (up to 8), created once; on a GPU
+    its default stream."""
+    if mx.default_device() != mx.cpu:
+        return [mx.default_stream(mx.default_device())]
+    if not _STREAMS:
+        _STREAMS.extend(mx.new_stream(mx.cpu) for _ in range(min(8, os.cpu_count() or 1)))
+    return _STREAMS
+
+
+def round_to_nearest(model, settings: dict):
+    """`nn.quantize` of the modules in `settings` ({path: quantization parameters}), lazily, spread over
+    `quantize_streams()` (MLX's CPU quantize kernel uses one thread; the streams run side by side): linear and
+    embedding layers are quantized in row blocks, one per stream (rows quantize independently), other quantizable
+    modules are dealt over the streams whole. Save computes the next layers while it writes one (`save.Lookahead`).
+    The bytes are those of one `mx.quantize` on one stream (tested)."""
+    streams, paths = quantize_streams(), sorted(settings)
+    modules = dict(model.named_modules())
+    sources = {path: modules[path].weight for path in paths}
+    for k, stream in enumerate(streams):
+        mine = set(paths[k :: len(streams)])
+        with mx.stream(stream):
+            nn.quantize(model, class_predicate=lambda path, module: settings[path] if path in mine else False)
+    if len(streams) < 2:
+        return
+    for path, module in model.named_modules():
+        source = sources.get(path)
+        if type(module) not in (nn.QuantizedLinear, nn.QuantizedEmbedding) or source is None:
+            continue
+        step = -(-source.shape[0] // len(streams))
+        params = settings[path]
+        parts = []
+        for start, stream in zip(range(0, source.shape[0], step), streams):
+            with mx.stream(stream):
+                parts.append(mx.quantize(source[start : start + step], params["group_size"], params["bits"],
+                                         mode=params["mode"]))
+        names = ["weight", "scales", "biases"][: len(parts[0])]
+        with mx.stream(streams[-1]):  # not the default stream, where the source reads queue (`save.Lookahead`)
+            module.update({name: mx.concatenate([part[k] for part in parts]) for k, name in enumerate(names)})
 
 
 def float_leftovers(model) -> dict:

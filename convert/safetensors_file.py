@@ -66,9 +66,10 @@ def entry_end(name: str, entry) -> int:
     return offsets[1]
 
 
-def write(path: Path, entries: list, fmt: str) -> int:
+def write(path: Path, entries: list, fmt: str, digest=None) -> int:
     """Write (name, dtype code, shape, nbytes, data) entries, where `data()` returns the tensor's bytes; each is
-    called and released in turn, so the peak is one tensor. The list is emptied. Returns the data bytes written."""
+    called and released in turn, so the peak is one tensor. The list is emptied. `digest` (a hashlib object, e.g.
+    sha256) is fed every byte written. Returns the data bytes written."""
     header, offset = {}, 0
     for name, dtype, shape, nbytes, _ in entries:
         header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
@@ -76,11 +77,15 @@ def write(path: Path, entries: list, fmt: str) -> int:
     header["__metadata__"] = {"format": fmt}
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # the data section starts 8-byte aligned
+    feed = digest.update if digest is not None else (lambda chunk: None)
     with open(path, "wb") as f:
-        f.write(len(encoded).to_bytes(8, "little"))
-        f.write(encoded)
+        for chunk in (len(encoded).to_bytes(8, "little"), encoded):
+            f.write(chunk)
+            feed(chunk)
         while entries:
             data: Callable = entries.pop(0)[4]
-            f.write(data())
-            del data
+            chunk = data()
+            f.write(chunk)
+            feed(chunk)
+            del data, chunk
     return offset

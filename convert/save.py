@@ -3,6 +3,7 @@ when complete. Shards are written tensor by tensor, so peak memory is a few tens
 
 import contextlib
 import functools
+import hashlib
 import json
 import os
 import shutil
@@ -41,22 +42,61 @@ SAFETENSORS_DTYPES = {
 }
 
 
-def stream_safetensors(path: Path, tensors: list) -> int:
+def stream_safetensors(path: Path, tensors: list, digest=None) -> int:
     """Write (name, lazy array) pairs as a safetensors file, evaluating and releasing one tensor at a time.
 
-    The header only needs shapes and dtypes, which lazy arrays know without being computed. `tensors` is emptied.
-    Returns the number of data bytes written.
+    The header only needs shapes and dtypes, which lazy arrays know without being computed. While one layer's
+    tensors are written, the next layers' are already being computed (`Lookahead`). `tensors` is emptied.
+    `digest` (a hashlib object) is fed the file's bytes. Returns the number of data bytes written.
     """
-    entries = [(name, SAFETENSORS_DTYPES[a.dtype], a.shape, a.nbytes, functools.partial(_evaluated_bytes, a))
-               for name, a in tensors]
+    ahead = Lookahead(tensors)
+    entries = [(name, SAFETENSORS_DTYPES[a.dtype], a.shape, a.nbytes, functools.partial(ahead.bytes_of, i))
+               for i, (name, a) in enumerate(tensors)]
     tensors.clear()
-    return safetensors_file.write(path, entries, "mlx")
+    return safetensors_file.write(path, entries, "mlx", digest)
 
 
-def _evaluated_bytes(array):
-    flat = mx.contiguous(array.reshape(-1))
-    mx.eval(flat)
-    return memoryview(np.asarray(flat.view(mx.uint8)))
+class Lookahead:
+    """Evaluates a shard's tensors in order, starting later layers' tensors (`mx.async_eval`) while earlier ones are
+    written: layers quantized on different streams (`quantize.round_to_nearest`) then run side by side, and the
+    writing overlaps the computing. A layer (the tensors sharing a name up to the last dot, e.g. weight, scales and
+    biases) is started with all of its tensors, up to `cores - 1` layers ahead, and only while the layers in flight
+    hold at most 1.25x the shard's largest layer in output bytes: two vocabulary-sized layers never overlap, so the
+    peak memory stays that of about one layer (tested)."""
+
+    def __init__(self, tensors: list):
+        self.arrays = [a for _, a in tensors]
+        names = [name.rpartition(".")[0] for name, _ in tensors]
+        self.groups = []  # [start, stop) index ranges of consecutive tensors of one layer
+        for i, name in enumerate(names):
+            if i and names[i - 1] == name:
+                self.groups[-1][1] = i + 1
+            else:
+                self.groups.append([i, i + 1])
+        self.group_of = [g for g, (start, stop) in enumerate(self.groups) for _ in range(start, stop)]
+        self.size = [sum(a.nbytes for a in self.arrays[start:stop]) for start, stop in self.groups]
+        self.budget = 1.25 * max(self.size, default=0)
+        self.width = max(1, (os.cpu_count() or 1) - 1)
+        self.started = 0  # groups before this one were started
+
+    def bytes_of(self, i: int):
+        """Tensor i's bytes; `arrays[i]` is released (the caller holds the bytes)."""
+        g = self.group_of[i]
+        self.started = max(self.started, g + 1)
+        in_flight = sum(self.size[g : self.started])
+        while (self.started < len(self.groups) and self.started <= g + self.width
+               and in_flight + self.size[self.started] <= self.budget):
+            start, stop = self.groups[self.started]
+            # Only the arrays themselves: an op queued on the default stream that waits for another stream's result
+            # would hold up that queue (the source reads are there), and nothing would overlap.
+            mx.async_eval(self.arrays[start:stop])
+            in_flight += self.size[self.started]
+            self.started += 1
+        array, self.arrays[i] = self.arrays[i], None
+        mx.eval(array)  # on its own stream; the flattening below, on the default stream, then waits for nothing
+        flat = mx.contiguous(array.reshape(-1)).view(mx.uint8)
+        mx.eval(flat)
+        return memoryview(np.asarray(flat))
 
 
 MANIFEST = ".mlx-convert-manifest.json"
@@ -83,9 +123,10 @@ class Manifest:
         self.reused += 1
         return entry["data_bytes"]
 
-    def record(self, folder: Path, file: str, keys: list, data_bytes: int):
+    def record(self, folder: Path, file: str, keys: list, data_bytes: int, sha256: str):
+        """`file` is finished: `sha256` is its digest, computed as it was written (`stream_safetensors`)."""
         path = Path(folder) / file
-        self.shards[file] = {"tensors": keys, "size": path.stat().st_size, "sha256": file_digest(path),
+        self.shards[file] = {"tensors": keys, "size": path.stat().st_size, "sha256": sha256,
                              "data_bytes": data_bytes}
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"key": self.key, "shards": self.shards}))
@@ -103,8 +144,6 @@ def read_manifest(path: Path) -> dict:
 
 
 def file_digest(path: Path) -> str:
-    import hashlib
-
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
@@ -121,9 +160,10 @@ def write_weights(weights: dict, folder: Path, max_bytes: int, progress=None, ma
         if done is None:
             # Streamed tensor by tensor: the peak is one output tensor plus the source tensors behind it, whatever
             # the shard size (mx.save_safetensors would hold the whole evaluated shard).
-            done = stream_safetensors(folder / file, [(k, weights.pop(k)) for k in keys])
+            digest = hashlib.sha256() if manifest else None
+            done = stream_safetensors(folder / file, [(k, weights.pop(k)) for k in keys], digest)
             if manifest:
-                manifest.record(folder, file, keys, done)
+                manifest.record(folder, file, keys, done, digest.hexdigest())
         else:
             for k in keys:  # never computed: the lazy arrays are simply dropped
                 del weights[k]

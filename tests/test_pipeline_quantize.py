@@ -119,3 +119,25 @@ def test_gate_dequantize_is_mx_dequantize(bits, mode, group_size, shape, dtype, 
         ours = quant.dequantize(q[0], q[1], biases, group_size=group_size, bits=bits, mode=mode)
         ref = mx.dequantize(q[0], q[1], biases, group_size=group_size, bits=bits, mode=mode).astype(mx.float32)
     assert ours.dtype == mx.float32 and np.array_equal(np.array(ours), np.array(ref))
+
+
+@pytest.mark.parametrize("options", [dict(q_bits=4, q_group_size=64), dict(q_bits=3, q_group_size=32),
+                                     dict(q_bits=8, q_group_size=64), dict(q_mode="mxfp4")])
+def test_parallel_rounding_writes_the_bytes_of_mlx_on_one_stream(tmp_path, monkeypatch, options):
+    """Linear and embedding layers are quantized in row blocks over several streams and saved with look-ahead
+    (`quantize.round_to_nearest`, `save.Lookahead`): the files must be those of MLX's own `nn.quantize` on one
+    stream, byte for byte. Odd row counts (vocabulary 1001, 3 streams) give uneven blocks."""
+    import convert.quantize as q
+
+    src = make_checkpoint(tmp_path / "src", "llama", dtype="bfloat16", num_hidden_layers=2, vocab_size=1001,
+                          tie_word_embeddings=False)
+    outputs = {}
+    for streams in (1, 3):
+        monkeypatch.setattr(q, "_STREAMS", [mx.default_stream(mx.cpu)] if streams == 1 else
+                            [mx.new_stream(mx.cpu) for _ in range(streams)])
+        outputs[streams] = convert(str(src), tmp_path / f"out{streams}", quantize=True, q_method="rtn",
+                                   skip_validation=True, max_shard_size=20_000, **options).path
+    files = sorted(p.name for p in outputs[1].glob("model*.safetensors"))
+    assert len(files) > 2 and files == sorted(p.name for p in outputs[3].glob("model*.safetensors"))
+    for name in files:
+        assert (outputs[1] / name).read_bytes() == (outputs[3] / name).read_bytes(), name

@@ -18,11 +18,11 @@ KILLED_AT_THIRD_SHARD = """
 import os, signal, sys
 import convert.save as save
 original, seen = save.stream_safetensors, []
-def stream(path, tensors):
+def stream(path, tensors, *rest):
     seen.append(path)
     if len(seen) == 3:
         os.kill(os.getpid(), signal.SIGKILL)
-    return original(path, tensors)
+    return original(path, tensors, *rest)
 save.stream_safetensors = stream
 from convert.cli import main
 main(sys.argv[1:])
