@@ -191,12 +191,18 @@ def run(model, ids: np.ndarray, mask: np.ndarray, on_layer: Optional[Callable] =
         del layer
         if on_layer is not None:
             on_layer(i)
+    # One head call for every stream, their positions side by side (the head is position-wise): the vocabulary-sized
+    # matrix is read and dequantized once instead of once per stream.
+    streams = [batch, *alone.values(), mx.concatenate(cached, axis=1)] + ([] if held_out is None else [held_out])
+    logits = np.array(model.head(mx.concatenate([h.reshape(1, -1, h.shape[-1]) for h in streams], axis=1)))[0]
+    ends = np.cumsum([h.shape[0] * h.shape[1] for h in streams])
+    logits = [part.reshape(*h.shape[:2], -1) for part, h in zip(np.split(logits, ends[:-1]), streams)]
     out = Outputs(
-        logits=np.array(model.head(batch)),
+        logits=logits[0],
         layers=hidden,
-        alone={r: np.array(model.head(h)) for r, h in alone.items()},
-        cached=np.array(model.head(mx.concatenate(cached, axis=1))),
-        extra_logits=None if held_out is None else np.array(model.head(held_out)),
+        alone=dict(zip(alone, logits[1 : 1 + len(alone)])),
+        cached=logits[1 + len(alone)],
+        extra_logits=None if held_out is None else logits[-1],
     )
     if low is not None:
         as_dtype(model, low_precision)  # what is left: embedding, final norm, head

@@ -205,8 +205,12 @@ class OutputWeights(TensorSource):
         if key not in self.tensors:
             self.tensors = self._mapped()
         # a view of MLX's buffer, which the tensor keeps alive: no copy (a copy into fresh pages cost ~10 s per 1.1B
-        # weights here)
-        return torch.from_numpy(np.asarray(self.tensors.pop(key).astype(mx.float32)))
+        # weights here). bf16 and float16 stay as stored (numpy has no bf16: its bits go through as uint16), for the
+        # reader to make float32 in its reused buffers, faster than MLX's single-threaded cast into fresh memory.
+        array = self.tensors.pop(key)
+        if array.dtype == mx.bfloat16:
+            return torch.from_numpy(np.asarray(array.view(mx.uint16))).view(torch.bfloat16)
+        return torch.from_numpy(np.asarray(array if array.dtype == mx.float16 else array.astype(mx.float32)))
 
 
 def output_rules(config: dict, source: TensorSource) -> list:
@@ -406,6 +410,50 @@ def decoder_layers(model, n_layers: int):
     raise ValueError("cannot find the decoder layers of the reference model")
 
 
+class Buffers:
+    """Reusable float32 storage for the weights the streamed reference makes float32 one module at a time.
+
+    Filling fresh memory costs a page fault per page, and on a virtual machine that is most of a conversion's cost
+    (a 46 MB bf16 -> float32 conversion: 15 ms into fresh memory, 1 ms into memory already touched). A released
+    weight's buffer goes back to the pool only when nothing else holds its storage (torch's storage use count; without
+    that API nothing is reused), and is handed out again for a tensor that needs at least half of it. A buffer not
+    taken again within KEEP conversions is let go (the embedding's, once the layers run): the pool holds about one
+    decoder layer's shapes."""
+
+    KEEP = 16
+
+    def __init__(self):
+        self.free = []  # (flat float32 tensor, the conversion count when it came back)
+        self.lent = {}  # id(parameter) -> (parameter, its flat buffer)
+        self.use_count = getattr(torch._C, "_storage_Use_Count", None)
+        self.count = 0
+
+    def converted(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` as float32 in a pooled buffer (a parameter: `release` it when it is let go)."""
+        n = tensor.numel()
+        self.count += 1
+        self.free = [(b, when) for b, when in self.free if when >= self.count - self.KEEP]
+        fits = [i for i, (b, _) in enumerate(self.free) if n <= b.numel() <= 2 * n]
+        best = min(fits, key=lambda i: self.free[i][0].numel(), default=None)
+        flat = self.free.pop(best)[0] if best is not None else torch.empty(n, dtype=torch.float32)
+        param = torch.nn.Parameter(flat[:n].view(tensor.shape), requires_grad=False)
+        param.copy_(tensor)
+        self.lent[id(param)] = (param, flat)
+        return param
+
+    def release(self, param):
+        """`param` is no longer the model's: its buffer is free again unless something still holds it."""
+        entry = self.lent.pop(id(param), None)
+        if entry is None or self.use_count is None:
+            return
+        _, flat = entry
+        storage = flat.untyped_storage()
+        del entry, param
+        # flat, the parameter's view of it and `storage` itself; anything more is a reference we did not make
+        if self.use_count(storage._cdata) <= 3:
+            self.free.append((flat, self.count))
+
+
 class StreamedForward:
     """Runs the meta-device reference with each module's weights loaded just before it runs and released after.
 
@@ -427,6 +475,7 @@ class StreamedForward:
         # a multimodal container's own config has no layer count: its text model's has (`text_config` twin)
         layers = decoder_layers(model, layer_count(model))
         self._names = {id(m): n for n, m in model.named_modules()}
+        self._buffers = Buffers() if self.device == "cpu" else None
         self._loaded = {}  # id(module) -> the parameters its pre-hook loaded (released by its post-hook)
         self._load_buffers(model, reader)
         # Each module loads its own weights when it runs. With `blocks` (for families whose transformers modules read
@@ -489,14 +538,19 @@ class StreamedForward:
             for name, p in owner._parameters.items():
                 if p is not None and p.is_meta:
                     full = f"{path}.{name}" if path else name
-                    owner._parameters[name] = torch.nn.Parameter(self._tensor(full, p.shape), requires_grad=False)
+                    tensor = self._tensor(full, p.shape)
+                    owner._parameters[name] = (tensor if isinstance(tensor, torch.nn.Parameter)
+                                               else torch.nn.Parameter(tensor, requires_grad=False))
                     loaded.append((owner, name))
         self._loaded.setdefault(id(module), []).extend(loaded)  # loaded ahead (see __call__) or by the pre-hook
 
     def _tensor(self, name, shape) -> torch.Tensor:
         source = self.sources[name]
         if isinstance(source, str):
-            return self.reader.get(source).float().to(self.device)
+            tensor = self.reader.get(source)
+            if self._buffers is not None and tensor.dtype != torch.float32 and tensor.is_floating_point():
+                return self._buffers.converted(tensor)
+            return tensor.float().to(self.device)
         group, produced = source
         tensor = group.tensor(self.reader, self.model, produced).float().to(self.device)
         if tensor.shape != shape:  # e.g. a whole expert missing: transformers would report the key as mismatched
@@ -506,7 +560,11 @@ class StreamedForward:
 
     def _release(self, module, args, output):
         for owner, name in self._loaded.pop(id(module), []):
-            owner._parameters[name] = torch.nn.Parameter(owner._parameters[name].to("meta"), requires_grad=False)
+            param = owner._parameters[name]
+            owner._parameters[name] = torch.nn.Parameter(param.to("meta"), requires_grad=False)
+            if self._buffers is not None:
+                self._buffers.release(param)
+            del param
 
     def _record(self, module, args, output):
         hidden = output[0] if isinstance(output, tuple) else output
@@ -529,6 +587,8 @@ class StreamedForward:
         finally:
             if id(embedding) in self._loaded:  # never called (an error before it): release it here
                 self._release(embedding, (), None)
+            if self._buffers is not None:
+                self._buffers.free.clear()  # the pool lives for one pass (a finished pass is freed only by the gc)
         return out.logits.float().cpu().numpy(), self.layer_outputs
 
 

@@ -124,11 +124,11 @@ def test_full_disk_is_one_line_and_leaves_nothing(src, tmp_path, monkeypatch, ca
     for source, calls_before_failure in ((src, 0), (binary, 1)):  # a shard write; a shard after the .bin spill
         calls = []
 
-        def full(path, entries, fmt):
+        def full(path, entries, fmt, *digest):
             calls.append(path)
             if len(calls) > calls_before_failure:
                 raise OSError(errno.ENOSPC, "No space left on device", str(path))
-            return real(path, entries, fmt)
+            return real(path, entries, fmt, *digest)
 
         monkeypatch.setattr(safetensors_file, "write", full)
         with pytest.raises(SystemExit) as info:

@@ -220,7 +220,9 @@ def test_vocabulary_sized_matrices_are_never_whole_in_float32(tmp_path, monkeypa
                           num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2, tie_word_embeddings=tied)
     out = write_mlx_folder(src, tmp_path / "out", dtype="bfloat16", bits=bits)
     ids, mask = probe_batch(AutoTokenizer.from_pretrained(src), 16384)
-    ids, mask = ids[:1, :8], mask[:1, :8]  # logits of 8 positions: 0.5 MB
+    # 4 positions in each of the three streams (the batch, the prompt alone, the cached decode), whose logits come
+    # from one head call: 0.75 MB
+    ids, mask = ids[:1, :4], mask[:1, :4]
     monkeypatch.setattr(layerwise.RowBlocks, "ROWS", 1024)  # blocks of 0.5 MB
     float32_matrix = 16384 * 128 * 4
 
@@ -288,3 +290,77 @@ def test_hybrid_report_names_layers_by_kind(tmp_path):
 
     bad = validate(src, write_mlx_folder(src, tmp_path / "bad", mutate=break_recurrent))
     assert any(f"first diverging layer: {recurrent} (recurrent)" in f for f in bad.failures), bad.failures
+
+
+def test_reference_weight_buffers_are_reused_only_when_free():
+    """The streamed reference converts weights into pooled float32 buffers: the values are exactly `.float()`'s, a
+    released buffer is handed out again, never while something still holds its storage, and let go when unused."""
+    import torch
+    from convert.reference import Buffers
+
+    pool = Buffers()
+    source = torch.randn(64, 32).to(torch.bfloat16)
+    param = pool.converted(source)
+    assert param.dtype == torch.float32 and torch.equal(param, source.float())
+    first = param.data_ptr()
+    pool.release(param)
+    del param
+    smaller = torch.randn(40, 32).to(torch.bfloat16)  # needs more than half of the free buffer: reuses it
+    param = pool.converted(smaller)
+    assert param.data_ptr() == first and torch.equal(param, smaller.float())
+    held = param.t()  # something outside the pool keeps a view of the storage
+    pool.release(param)
+    del param
+    param = pool.converted(source)
+    assert param.data_ptr() != first and torch.equal(held.t(), smaller.float())  # the view kept its values
+    pool.release(param)
+    del param
+    tiny = pool.converted(torch.randn(8, 32).to(torch.bfloat16))  # far smaller than any free buffer: a new one
+    assert tiny.numel() == 256 and all(b.numel() == 2048 for b, _ in pool.free)
+    for _ in range(Buffers.KEEP + 1):
+        pool.release(pool.converted(torch.ones(3, dtype=torch.bfloat16)))
+    assert all(b.numel() == 3 for b, _ in pool.free)  # the unused large buffer was let go
+
+
+@pytest.mark.parametrize("shape,offset", [((37, 300), 0.0), ((300,), 1.0), ((5, 7, 64), 0.0), ((3, 1500), 0.0)])
+def test_weight_error_is_the_relative_frobenius_error(shape, offset, monkeypatch):
+    """`tensor_error`, computed a block of rows at a time in reused buffers, against the same quantity in float64."""
+    import torch
+    from convert import validate
+
+    class Folded:  # a rule that stores the norm weight as 1 + w
+        def stored_offset(self, key):
+            return offset
+
+    class Held:
+        rules = [Folded()]
+
+    monkeypatch.setattr(validate, "ERROR_BLOCK", 1000)  # several blocks, and rows wider than one block
+    generator = torch.Generator().manual_seed(0)
+    ref = torch.randn(shape, generator=generator).to(torch.bfloat16)
+    ours = ref.float() + 0.01 * torch.randn(shape, generator=generator)
+    expected = ((ours.double() - ref.double()).norm() / (ref.double() + offset).norm()).item()
+    assert validate.tensor_error(Held(), "w", ours, ref) == pytest.approx(expected, rel=1e-5)
+    assert validate.tensor_error(Held(), "w", ref.float(), ref) == 0.0
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_non_finite_values_are_found_in_every_block(tmp_path, monkeypatch, dtype):
+    """The saved tensors are scanned in place, block by block: NaN, +inf and -inf are found wherever they sit, in
+    any float dtype, and integer tensors (packed codes) are skipped."""
+    import torch
+    from safetensors.torch import save_file
+    from convert import validate
+
+    monkeypatch.setattr(validate, "SCAN_BLOCK", 1000)
+    kind = getattr(torch, dtype)
+    tensors = {name: torch.randn(50, 64).to(kind) for name in ("clean", "nan", "inf", "minus_inf", "last")}
+    tensors["nan"][3, 4] = float("nan")
+    tensors["inf"][20, 0] = float("inf")
+    tensors["minus_inf"][0, 0] = float("-inf")
+    tensors["last"][-1, -1] = float("nan")  # in the last, partial block
+    tensors["codes"] = torch.full((8, 8), -1, dtype=torch.int32)  # its bytes read as floats would be NaN
+    tensors["empty"] = torch.zeros(0, dtype=kind)
+    save_file(dict(list(tensors.items())[:4]), tmp_path / "model-00001-of-00002.safetensors")
+    save_file(dict(list(tensors.items())[4:]), tmp_path / "model-00002-of-00002.safetensors")
+    assert validate.non_finite_tensors(tmp_path) == ["inf", "minus_inf", "nan", "last"]
