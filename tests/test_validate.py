@@ -364,3 +364,19 @@ def test_non_finite_values_are_found_in_every_block(tmp_path, monkeypatch, dtype
     save_file(dict(list(tensors.items())[:4]), tmp_path / "model-00001-of-00002.safetensors")
     save_file(dict(list(tensors.items())[4:]), tmp_path / "model-00002-of-00002.safetensors")
     assert validate.non_finite_tensors(tmp_path) == ["inf", "minus_inf", "nan", "last"]
+
+
+@pytest.mark.parametrize("shape", [(37, 300), (3, 5), (7,)])
+def test_same_bits_compares_bytes(shape):
+    """The weight check's fast path: equal bytes only (int64 words where the size allows, bytes otherwise)."""
+    import torch
+    from convert.validate import same_bits
+
+    a = torch.randn(shape).to(torch.bfloat16)
+    b = a.clone()
+    assert same_bits(a, b)
+    b.view(-1)[-1] = -b.view(-1)[-1] if b.view(-1)[-1] != 0 else 1.0  # the last element, in the last word
+    assert not same_bits(a, b)
+    assert not same_bits(a, a.float()) and not same_bits(a, a.reshape(-1)[: a.numel() - 1])
+    zero = torch.zeros(shape, dtype=torch.bfloat16)
+    assert not same_bits(zero, -zero)  # equal values, other bytes: the full check decides (error 0)
