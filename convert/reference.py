@@ -417,12 +417,13 @@ class Buffers:
     (a 46 MB bf16 -> float32 conversion: 15 ms into fresh memory, 1 ms into memory already touched). A released
     weight's buffer goes back to the pool only when nothing else holds its storage (torch's storage use count; without
     that API nothing is reused), and is handed out again for a tensor that needs at least half of it. A buffer not
-    taken again within KEEP conversions is let go (the embedding's, once the layers run): the pool holds about one
-    decoder layer's shapes."""
+    taken again within KEEP conversions is let go, and none larger than `largest` elements is kept (the embedding
+    and head, used once each per pass): the pool holds about one decoder layer's shapes."""
 
     KEEP = 16
 
-    def __init__(self):
+    def __init__(self, largest: int):
+        self.largest = largest
         self.free = []  # (flat float32 tensor, the conversion count when it came back)
         self.lent = {}  # id(parameter) -> (parameter, its flat buffer)
         self.use_count = getattr(torch._C, "_storage_Use_Count", None)
@@ -444,7 +445,7 @@ class Buffers:
     def release(self, param):
         """`param` is no longer the model's: its buffer is free again unless something still holds it."""
         entry = self.lent.pop(id(param), None)
-        if entry is None or self.use_count is None:
+        if entry is None or self.use_count is None or entry[1].numel() > self.largest:
             return
         _, flat = entry
         storage = flat.untyped_storage()
@@ -475,7 +476,8 @@ class StreamedForward:
         # a multimodal container's own config has no layer count: its text model's has (`text_config` twin)
         layers = decoder_layers(model, layer_count(model))
         self._names = {id(m): n for n, m in model.named_modules()}
-        self._buffers = Buffers() if self.device == "cpu" else None
+        largest = max((p.numel() for layer in layers for p in layer.parameters()), default=0)
+        self._buffers = Buffers(largest) if self.device == "cpu" else None  # a decoder layer's shapes at most
         self._loaded = {}  # id(module) -> the parameters its pre-hook loaded (released by its post-hook)
         self._load_buffers(model, reader)
         # Each module loads its own weights when it runs. With `blocks` (for families whose transformers modules read

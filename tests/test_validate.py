@@ -298,7 +298,7 @@ def test_reference_weight_buffers_are_reused_only_when_free():
     import torch
     from convert.reference import Buffers
 
-    pool = Buffers()
+    pool = Buffers(largest=64 * 32)
     source = torch.randn(64, 32).to(torch.bfloat16)
     param = pool.converted(source)
     assert param.dtype == torch.float32 and torch.equal(param, source.float())
@@ -320,6 +320,8 @@ def test_reference_weight_buffers_are_reused_only_when_free():
     for _ in range(Buffers.KEEP + 1):
         pool.release(pool.converted(torch.ones(3, dtype=torch.bfloat16)))
     assert all(b.numel() == 3 for b, _ in pool.free)  # the unused large buffer was let go
+    pool.release(pool.converted(torch.ones(65, 32, dtype=torch.bfloat16)))  # larger than any layer's: never kept
+    assert all(b.numel() == 3 for b, _ in pool.free)
 
 
 @pytest.mark.parametrize("shape,offset", [((37, 300), 0.0), ((300,), 1.0), ((5, 7, 64), 0.0), ((3, 1500), 0.0)])
