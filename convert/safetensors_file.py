@@ -77,8 +77,7 @@ def write(path: Path, entries: list, fmt: str, digest=None) -> int:
     header["__metadata__"] = {"format": fmt}
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # the data section starts 8-byte aligned
-    feed = digest.update if digest is not None else (lambda chunk: None)
-    with open(path, "wb") as f:
+    with open(path, "wb") as f, Digest(digest) as feed:
         for chunk in (len(encoded).to_bytes(8, "little"), encoded):
             f.write(chunk)
             feed(chunk)
@@ -89,3 +88,38 @@ def write(path: Path, entries: list, fmt: str, digest=None) -> int:
             feed(chunk)
             del data, chunk
     return offset
+
+
+class Digest:
+    """Feeds chunks to a hashlib object on a thread of its own, one chunk behind the writer, so hashing (~0.5 s per
+    GB) overlaps computing and writing the next tensor (hashlib releases the GIL on large buffers). The chunk in
+    flight is held until it is hashed; leaving the block waits for the last one."""
+
+    def __init__(self, digest):
+        self.digest, self.pending, self.pool = digest, None, None
+
+    def __enter__(self):
+        if self.digest is not None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self.pool = ThreadPoolExecutor(1, thread_name_prefix="digest")
+        return self
+
+    def __call__(self, chunk):
+        if self.pool is None:
+            return
+        self.wait()
+        self.pending = self.pool.submit(self.digest.update, chunk)
+
+    def wait(self):
+        if self.pending is not None:
+            self.pending.result()
+            self.pending = None
+
+    def __exit__(self, *exc):
+        if self.pool is not None:
+            try:
+                self.wait()
+            finally:
+                self.pool.shutdown()
+        return False
