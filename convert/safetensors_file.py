@@ -84,16 +84,17 @@ def write(path: Path, entries: list, fmt: str, digest=None) -> int:
         while entries:
             data: Callable = entries.pop(0)[4]
             chunk = data()
-            f.write(chunk)
             feed(chunk)
+            f.write(chunk)
+            feed.wait()  # the chunk is released only when hashed: no second tensor is held
             del data, chunk
     return offset
 
 
 class Digest:
-    """Feeds chunks to a hashlib object on a thread of its own, one chunk behind the writer, so hashing (~0.5 s per
-    GB) overlaps computing and writing the next tensor (hashlib releases the GIL on large buffers). The chunk in
-    flight is held until it is hashed; leaving the block waits for the last one."""
+    """Feeds chunks to a hashlib object on a thread of its own, so that hashing (~0.5 s per GB) overlaps writing
+    the same chunk (hashlib and file writes release the GIL on large buffers). Leaving the block waits for the last
+    chunk."""
 
     def __init__(self, digest):
         self.digest, self.pending, self.pool = digest, None, None
