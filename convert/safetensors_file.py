@@ -1,8 +1,10 @@
 """The safetensors file format, for the two places that stream it: checking a source file before trusting it, and
 writing a file one tensor at a time (output shards, and `.bin` sources turned into lazily readable files)."""
 
+import contextlib
 import json
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
@@ -77,50 +79,21 @@ def write(path: Path, entries: list, fmt: str, digest=None) -> int:
     header["__metadata__"] = {"format": fmt}
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # the data section starts 8-byte aligned
-    with open(path, "wb") as f, Digest(digest) as feed:
-        for chunk in (len(encoded).to_bytes(8, "little"), encoded):
+    hashing = ThreadPoolExecutor(1, thread_name_prefix="digest") if digest is not None else contextlib.nullcontext()
+    with open(path, "wb") as f, hashing as hasher:
+
+        def put(chunk):
+            """Write `chunk` while the hasher's thread hashes it (hashlib and file writes release the GIL on large
+            buffers); it is let go only when both are done, so no second tensor is ever held."""
+            pending = hasher.submit(digest.update, chunk) if hasher is not None else None
             f.write(chunk)
-            feed(chunk)
+            if pending is not None:
+                pending.result()
+
+        put(len(encoded).to_bytes(8, "little"))
+        put(encoded)
         while entries:
             data: Callable = entries.pop(0)[4]
-            chunk = data()
-            feed(chunk)
-            f.write(chunk)
-            feed.wait()  # the chunk is released only when hashed: no second tensor is held
-            del data, chunk
+            put(data())
+            del data
     return offset
-
-
-class Digest:
-    """Feeds chunks to a hashlib object on a thread of its own, so that hashing (~0.5 s per GB) overlaps writing
-    the same chunk (hashlib and file writes release the GIL on large buffers). Leaving the block waits for the last
-    chunk."""
-
-    def __init__(self, digest):
-        self.digest, self.pending, self.pool = digest, None, None
-
-    def __enter__(self):
-        if self.digest is not None:
-            from concurrent.futures import ThreadPoolExecutor
-
-            self.pool = ThreadPoolExecutor(1, thread_name_prefix="digest")
-        return self
-
-    def __call__(self, chunk):
-        if self.pool is None:
-            return
-        self.wait()
-        self.pending = self.pool.submit(self.digest.update, chunk)
-
-    def wait(self):
-        if self.pending is not None:
-            self.pending.result()
-            self.pending = None
-
-    def __exit__(self, *exc):
-        if self.pool is not None:
-            try:
-                self.wait()
-            finally:
-                self.pool.shutdown()
-        return False

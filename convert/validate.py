@@ -488,22 +488,15 @@ def tensor_error(held, key: str, ours, ref) -> float:
 
     if ours.shape != ref.shape:
         return float("inf")
-    offset = sum(rule.stored_offset(key) for rule in getattr(held, "rules", ()) if hasattr(rule, "stored_offset"))
     if same_bits(ours, ref):  # a float output of its own source: one fast compare
         return 0.0
+    offset = sum(rule.stored_offset(key) for rule in getattr(held, "rules", ()) if hasattr(rule, "stored_offset"))
     rows = ref.shape[0] if ref.ndim else 1
     ours, ref = ours.reshape(rows, -1), ref.reshape(rows, -1)
     step = max(1, ERROR_BLOCK // max(ref.shape[1], 1))
-    if ours.device.type != "cpu" or not ours.is_floating_point() or step * ref.shape[1] > ERROR_BLOCK:
-        error = size = 0.0
-        for start in range(0, ref.shape[0], step):
-            block = ref[start:start + step].float()
-            error += float(torch.dist(ours[start:start + step], block)) ** 2
-            size += float(torch.linalg.vector_norm(block + offset if offset else block)) ** 2
-        return math.sqrt(error) / max(math.sqrt(size), 1e-30)
-    # The same sums in two reused float32 blocks: fresh memory for every block cost more than the arithmetic.
-    if not _SCRATCH or _SCRATCH[0].numel() != ERROR_BLOCK:
-        _SCRATCH[:] = [torch.empty(ERROR_BLOCK, dtype=torch.float32) for _ in range(2)]
+    # Two reused float32 blocks (fresh memory for every block cost more than the arithmetic).
+    if not _SCRATCH or _SCRATCH[0].numel() < step * ref.shape[1]:
+        _SCRATCH[:] = [torch.empty(max(ERROR_BLOCK, step * ref.shape[1]), dtype=torch.float32) for _ in range(2)]
     error = size = 0.0
     for start in range(0, ref.shape[0], step):
         part = ref[start:start + step]
@@ -528,7 +521,7 @@ def same_bits(a, b) -> bool:
 
 
 ERROR_BLOCK = 1 << 22  # elements of a source tensor made float32 at a time by `tensor_error`
-_SCRATCH: list = []  # two float32 blocks of ERROR_BLOCK elements, made once
+_SCRATCH: list = []  # two float32 blocks of at least ERROR_BLOCK elements, made once
 
 
 def weight_fidelity(held, source, bound: float, errors: Optional[dict] = None) -> dict:
