@@ -157,22 +157,37 @@ def stored(x: np.ndarray, dtype: str) -> np.ndarray:
     return x.astype(np.float32)
 
 
-def affine_params(lo: np.ndarray, hi: np.ndarray, bits: int, dtype: str) -> tuple:
-    """Scale and bias (as stored in `dtype`) that map codes 0..2**bits-1 onto [lo, hi]."""
+def affine_params(lo, hi, bits: int, dtype: str) -> tuple:
+    """Scale and bias (torch float32, as stored in `dtype`) that map codes 0..2**bits-1 onto [lo, hi]."""
+    import torch
+
     tiny = 6.2e-5 if dtype == "float16" else 1e-12  # keeps the stored scale non-zero
-    scales = stored(np.maximum((hi - lo) / (2**bits - 1), tiny), dtype)
-    return scales, stored(lo, dtype)
+    return stored_t(torch.clamp_min((hi - lo) / (2**bits - 1), tiny), dtype), stored_t(lo, dtype)
 
 
-def codes_of(w: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: int) -> np.ndarray:
-    """Round to nearest, clamped to 0..2**bits-1 (float32)."""
-    q = np.rint((w - biases) / scales)
-    return np.minimum(np.maximum(q, 0, out=q), 2**bits - 1, out=q)
+def stored_t(x, dtype: str):
+    """`stored` of a torch float32 tensor (torch's casts round to nearest even too)."""
+    import torch
+
+    return x.to(getattr(torch, dtype)).float() if dtype in ("float16", "bfloat16") else x
+
+
+def codes_of(w, scales, biases, bits: int, out=None):
+    """Round to nearest, clamped to 0..2**bits-1 (torch float32; into `out` when given)."""
+    import torch
+
+    out = torch.sub(w, biases, out=out)
+    return out.div_(scales).round_().clamp_(0, 2**bits - 1)
 
 
 def dequantized(codes: np.ndarray, scales: np.ndarray, biases: np.ndarray, dtype: str) -> np.ndarray:
-    """What `mx.dequantize` computes: scale * code, then + bias, each rounded to the stored dtype."""
-    return stored(stored(scales * codes, dtype) + biases, dtype)
+    """What `mx.dequantize` computes: scale * code, then + bias, each rounded to the stored dtype (in torch, on
+    every core; numpy in and out)."""
+    import torch
+
+    t = torch.from_numpy(np.ascontiguousarray(codes)).float()
+    t = stored_t(t.mul_(torch.from_numpy(np.ascontiguousarray(scales, np.float32))), dtype)
+    return stored_t(t.add_(torch.from_numpy(np.ascontiguousarray(biases, np.float32))), dtype).numpy()
 
 
 def pack(codes: np.ndarray, bits: int) -> np.ndarray:
@@ -214,52 +229,63 @@ class Affine:
 # ---------------------------------------------------------------------------------------------------- methods
 
 
-def group_params(w: np.ndarray, bits: int, dtype: str, weights: Optional[np.ndarray] = None, shrink=SHRINK,
-                 refits: int = REFITS) -> tuple:
-    """Scale and bias per group of `w` (..., group) with the least squared error weighted by `weights` (broadcast
-    against `w`; unweighted when None): the best clipped range [min, max] * f, f in `shrink`, then `refits` rounds
-    of weighted least squares for scale and bias given the codes (each kept only where it lowers the error)."""
-    weights = np.ones(w.shape[-1], np.float32) if weights is None else weights
-    lo, hi = w.min(-1), w.max(-1)
+def group_params(w, bits: int, dtype: str, weights=None, shrink=SHRINK, refits: int = REFITS) -> tuple:
+    """Scale and bias per group of `w` (torch float32 (..., group)) with the least squared error weighted by `weights`
+    (broadcast against `w`; unweighted when None): the best clipped range [min, max] * f, f in `shrink`, then `refits`
+    rounds of weighted least squares for scale and bias given the codes (each kept only where it lowers the error).
+    In torch, in place where it can: it runs once per group of columns in GPTQ, on every core."""
+    import torch
+
+    lo, hi = w.amin(-1), w.amax(-1)
     scales, biases = affine_params(lo, hi, bits, dtype)  # round to nearest's range: the starting point
-    best = group_error(w, scales, biases, bits, weights)
+    scratch = torch.empty_like(w)
+    best = group_error(w, scales, biases, bits, weights, scratch)
 
     def keep(new_scales, new_biases):
-        err = group_error(w, new_scales, new_biases, bits, weights)
+        nonlocal best, scales, biases
+        err = group_error(w, new_scales, new_biases, bits, weights, scratch)
         better = err < best
-        best[better], scales[better], biases[better] = err[better], new_scales[better], new_biases[better]
+        best, scales, biases = (torch.where(better, err, best), torch.where(better, new_scales, scales),
+                                torch.where(better, new_biases, biases))
 
     for f in shrink:
-        keep(*affine_params(lo * f, hi * f, bits, dtype))
-    for _ in range(refits):
-        new_scales, new_biases = least_squares(w, codes_of(w, scales[..., None], biases[..., None], bits), weights,
-                                               scales, biases)
-        keep(stored(np.maximum(new_scales, 1e-12), dtype), stored(new_biases, dtype))
+        keep(*affine_params(lo * float(f), hi * float(f), bits, dtype))
+    if refits:
+        weighted_w = w if weights is None else w * weights
+        sums = (weighted_w.sum(-1), (weights.expand_as(w).sum(-1) if weights is not None
+                                     else torch.full_like(lo, w.shape[-1])))
+        for _ in range(refits):
+            codes = codes_of(w, scales[..., None], biases[..., None], bits, scratch)
+            new_scales, new_biases = least_squares(w, codes, weights, scales, biases, sums)
+            keep(stored_t(torch.clamp_min(new_scales, 1e-12), dtype), stored_t(new_biases, dtype))
     return scales, biases
 
 
-def group_error(w, scales, biases, bits, weights) -> np.ndarray:
-    """Weighted squared error per group (in float32: the stored rounding of scale * code + bias barely moves it)."""
+def group_error(w, scales, biases, bits: int, weights, scratch):
+    """Weighted squared error per group (in float32: the stored rounding of scale * code + bias barely moves it);
+    `scratch` (like `w`) is overwritten."""
     s, b = scales[..., None], biases[..., None]
-    e = codes_of(w, s, b, bits)
-    e *= s
-    e += b
-    e -= w
-    e *= e
-    e *= weights
+    e = codes_of(w, s, b, bits, scratch)
+    e.mul_(s).add_(b).sub_(w).square_()
+    if weights is not None:
+        e.mul_(weights)
     return e.sum(-1)
 
 
-def least_squares(w, codes, weights, scales, biases) -> tuple:
+def least_squares(w, codes, weights, scales, biases, sums) -> tuple:
     """Per group, the scale and bias minimising sum(weights * (w - scale * codes - bias)^2) (a 2x2 system; groups
-    whose codes are all equal keep `scales` and `biases`)."""
-    n, sq, sqq = weights.sum(-1), (weights * codes).sum(-1), (weights * codes * codes).sum(-1)
-    sw, sqw = (weights * w).sum(-1), (weights * codes * w).sum(-1)
+    whose codes are all equal keep `scales` and `biases`). `sums`: (sum of weights * w, sum of weights) per group,
+    which do not depend on the codes. `codes` is overwritten."""
+    import torch
+
+    sw, n = sums
+    weighted = codes if weights is None else codes * weights
+    sq, sqq, sqw = weighted.sum(-1), (weighted * codes).sum(-1), (weighted.mul_(w)).sum(-1)
     det = n * sqq - sq * sq
     ok = det > 1e-9 * n * sqq
-    det = np.where(ok, det, 1.0)
-    new_s = np.where(ok, (n * sqw - sq * sw) / det, scales)
-    return new_s, np.where(ok, (sw - new_s * sq) / n, biases)
+    det = torch.where(ok, det, 1.0)
+    new_s = torch.where(ok, (n * sqw - sq * sw) / det, scales)
+    return new_s, torch.where(ok, (sw - new_s * sq) / n, biases)
 
 
 def rtn(w: np.ndarray, bits: int, group_size: int, dtype: str) -> Affine:
@@ -271,12 +297,15 @@ def search(w: np.ndarray, bits: int, group_size: int, dtype: str, channel_weight
            shrink=SHRINK, refits: int = REFITS) -> Affine:
     """Round to nearest within each group's best clipping range (`group_params`); `channel_weights` (cols,): the
     mean square activation of each input channel."""
+    import torch
+
     rows, cols = w.shape
-    groups = w.reshape(rows, cols // group_size, group_size)
-    weights = None if channel_weights is None else channel_weights.reshape(cols // group_size, group_size)
+    groups = torch.from_numpy(np.ascontiguousarray(w, np.float32)).reshape(rows, cols // group_size, group_size)
+    weights = None if channel_weights is None else torch.from_numpy(
+        np.ascontiguousarray(channel_weights, np.float32)).reshape(cols // group_size, group_size)
     scales, biases = group_params(groups, bits, dtype, weights, shrink, refits)
     codes = codes_of(groups, scales[..., None], biases[..., None], bits).reshape(rows, cols)
-    return Affine(codes.astype(np.uint8), scales, biases, bits, group_size, dtype)
+    return Affine(codes.to(torch.uint8).numpy(), scales.numpy(), biases.numpy(), bits, group_size, dtype)
 
 
 def inverse_hessian_factor(h: np.ndarray, damp: float = DAMP) -> np.ndarray:
@@ -298,8 +327,24 @@ def inverse_hessian_factor(h: np.ndarray, damp: float = DAMP) -> np.ndarray:
         if int(info) == 0:
             break
         flipped.diagonal().add_(damp * 10**attempt * float(diag.mean()))
-    inverse = torch.linalg.solve_triangular(lower, torch.eye(len(h), dtype=torch.float64), upper=False)
-    return torch.flip(inverse, (0, 1)).float().numpy()
+    return torch.flip(lower_inverse(lower), (0, 1)).float().numpy()
+
+
+def lower_inverse(lower, leaf: int = 512):
+    """The inverse of a lower triangular torch matrix, by halves: [[A, 0], [C, D]]^-1 = [[A^-1, 0], [-D^-1 C A^-1,
+    D^-1]]. Half the arithmetic of a triangular solve against the identity (which ignores that the right-hand side
+    is triangular too): 1.5 s against 2.3 s at 5632 columns on 2 cores."""
+    import torch
+
+    n = len(lower)
+    if n <= leaf:
+        return torch.linalg.solve_triangular(lower, torch.eye(n, dtype=lower.dtype), upper=False)
+    k = n // 2
+    out = torch.zeros_like(lower)
+    out[:k, :k] = a = lower_inverse(lower[:k, :k], leaf)
+    out[k:, k:] = lower_inverse(lower[k:, k:], leaf)
+    out[k:, :k] = -torch.linalg.solve_triangular(lower[k:, k:], lower[k:, :k] @ a, upper=False)
+    return out
 
 
 def activation_order(h: np.ndarray) -> np.ndarray:
@@ -314,48 +359,47 @@ def gptq(w: np.ndarray, h: np.ndarray, bits: int, group_size: int, dtype: str, u
 
     Columns are rounded in `order` (default: as stored); `u` is `inverse_hessian_factor` of h in that order, when
     already computed (layers fed the same inputs share it). A group's scale and bias are chosen when the rounding
-    first reaches one of its columns, from the group's columns as the errors fed back so far have moved them."""
+    first reaches one of its columns, from the group's columns as the errors fed back so far have moved them.
+    In torch, columns as rows (codes, scales and biases are built transposed, so every write is contiguous)."""
     import torch
 
     cols = w.shape[1]
     order = np.arange(cols) if order is None else order
     u = inverse_hessian_factor(h[np.ix_(order, order)]) if u is None else u
-    # column p of w is column order[p] of the weight; C order (indexing columns gives Fortran order, in which the
-    # block updates below ran 10x slower)
-    w = np.ascontiguousarray(w[:, order], dtype=np.float32)
-    w_view, u_view = torch.from_numpy(w), torch.from_numpy(u)  # the same memory, for the block updates
+    # columns as rows, in the order they are rounded: a block is a contiguous slice, every write below is contiguous
+    w = torch.from_numpy(np.ascontiguousarray(w.T[order], dtype=np.float32))
+    u = torch.from_numpy(np.ascontiguousarray(u, np.float32))
     position = np.argsort(order)
-    energy = np.diag(h).astype(np.float32)
-    rows = w.shape[0]
-    codes = np.empty((rows, cols), np.uint8)
-    scales = np.empty((rows, cols // group_size), np.float32)
-    biases = np.empty_like(scales)
+    energy = torch.from_numpy(np.diag(h).astype(np.float32))
+    rows = w.shape[1]
+    codes = torch.empty((cols, rows), dtype=torch.uint8)
+    scales = torch.empty((cols // group_size, rows))
+    biases = torch.empty_like(scales)
     ready = np.zeros(cols // group_size, bool)
+    q, fit = torch.empty(rows), torch.empty(rows)
     for b0 in range(0, cols, BLOCK):
         b1 = min(b0 + BLOCK, cols)
-        # columns as rows: the updates below then read and write contiguous memory
-        part, errors = np.ascontiguousarray(w[:, b0:b1].T), np.empty((b1 - b0, rows), np.float32)
+        part, errors = w[b0:b1], torch.empty((b1 - b0, rows))
         for j in range(b1 - b0):
             c = order[b0 + j]
             g = c // group_size
-            if not ready[g]:
-                members = position[g * group_size:(g + 1) * group_size]  # all at or after b0 + j
-                inside = members < b1
-                now = np.empty((rows, group_size), np.float32)
-                now[:, inside] = part[members[inside] - b0].T
-                now[:, ~inside] = w[:, members[~inside]]
-                scales[:, g], biases[:, g] = group_params(now, bits, dtype, energy[g * group_size:(g + 1) * group_size],
-                                                          shrink)
+            if not ready[g]:  # its columns are all at or after this one, as the errors fed back so far moved them
+                now = w[torch.from_numpy(position[g * group_size:(g + 1) * group_size])].T
+                scales[g], biases[g] = group_params(now, bits, dtype, energy[g * group_size:(g + 1) * group_size],
+                                                    shrink)
                 ready[g] = True
-            s, b = scales[:, g], biases[:, g]
-            q = codes_of(part[j], s, b, bits)
-            codes[:, c] = q
+            s, b = scales[g], biases[g]
+            codes_of(part[j], s, b, bits, q)
+            codes[c] = q
             p = b0 + j
-            errors[j] = (part[j] - (s * q + b)) / u[p, p]  # (the stored rounding of s * q + b is negligible here)
-            part[j + 1:] -= u[p, p + 1:b1, None] * errors[j][None]  # (the rest of the block)
-        # w[:, b1:] -= errors.T @ u[b0:b1, b1:], in place (numpy's temporary and subtraction took twice as long)
-        w_view[:, b1:].addmm_(torch.from_numpy(errors).T, u_view[b0:b1, b1:], alpha=-1)
-    return Affine(codes, scales, biases, bits, group_size, dtype)
+            # the error fed back (the stored rounding of s * q + b is negligible here), spread over the block's rest
+            torch.addcmul(b, s, q, out=fit)
+            torch.sub(part[j], fit, out=errors[j]).div_(u[p, p])
+            if j + 1 < b1 - b0:
+                part[j + 1:].addr_(u[p, p + 1:b1], errors[j], alpha=-1)
+        w[b1:].addmm_(u[b0:b1, b1:].T, errors, alpha=-1)  # the rest of the matrix, once per block
+    return Affine(codes.T.contiguous().numpy(), scales.T.contiguous().numpy(), biases.T.contiguous().numpy(), bits,
+                  group_size, dtype)
 
 
 def weighted_error(w: np.ndarray, approx: np.ndarray, h: np.ndarray, max_rows: Optional[int] = None) -> float:
@@ -390,7 +434,7 @@ def solve(method: str, w: np.ndarray, h: Optional[np.ndarray], params: dict, dty
 
 
 class _Hessians:
-    """X^T X (float32) of the inputs of the modules being calibrated, by path. Modules fed the same array (q, k and
+    """X^T X (float32, numpy) of the inputs of the modules being calibrated, by path. Modules fed the same array (q, k and
     v; gate and up) share one sum, computed once."""
 
     def __init__(self):
@@ -402,10 +446,12 @@ class _Hessians:
         last, key = self._last
         if x is not last:
             key = path
-            flat = x.reshape(-1, x.shape[-1]).astype(mx.float32)
-            xtx = flat.T @ flat
-            self.sums[key] = xtx if key not in self.sums else self.sums[key] + xtx
-            mx.eval(self.sums[key])
+            # numpy turns X^T X into a symmetric rank-k update (half the products of MLX's general one)
+            flat = np.asarray(x.reshape(-1, x.shape[-1]).astype(mx.float32))
+            if key in self.sums:
+                self.sums[key] += flat.T @ flat
+            else:
+                self.sums[key] = flat.T @ flat
         if self.key.setdefault(path, key) != key:
             raise RuntimeError(f"calibration: {path} was fed different inputs from one batch to the next")
         self._last = (x, key)
@@ -741,19 +787,39 @@ def head_hessians(model, settings: dict, hidden: list) -> tuple:
 
 
 def calibration_threads() -> Optional[int]:
-    """BLAS threads for calibration: None (every core, the libraries' default) on a machine otherwise idle, 1 when
-    other work already keeps every core busy (1-minute load average at or above the core count). Calibration runs
-    many small products (attention over short rows, GPTQ's block updates); on cores shared with other work, waking
-    a second thread for each costs more than the product. Measured on this 2-core machine: idle, gptq on 2 layers of
-    a TinyLlama-1.1B-shaped model took 98 s with both cores against 128 s with one thread, SmolLM2-135M 95 s against
-    105 s; with both cores busy elsewhere, 6 layers of SmolLM2-135M took 43 s with both against 29 s with one (and a
-    batch of 32 products of 256x16x256, 0.5 s against 1 ms)."""
+    """BLAS threads for calibration: None (every core, the libraries' default) unless other processes already keep
+    every core busy (`others_busy_cores`), then 1. Calibration runs many small products (attention over short rows,
+    GPTQ's block updates); on cores shared with other work, waking a second thread for each costs more than the
+    product. Measured on this 2-core machine: idle, gptq on 2 layers of a TinyLlama-1.1B-shaped model took 67 s
+    with both cores against 95 s with one thread; with both cores busy elsewhere, 6 layers of SmolLM2-135M took 43
+    s with both against 29 s with one (and a batch of 32 products of 256x16x256, 0.5 s against 1 ms). The load
+    average is no guide: it counts this process, and a conversion run right after another saw the first one's load
+    and calibrated on one thread."""
     cores = os.cpu_count() or 1
+    others = others_busy_cores()
+    return 1 if others is not None and others >= cores - 0.5 else None
+
+
+def others_busy_cores(window: float = 0.25) -> Optional[float]:
+    """How many cores other processes kept busy over the next `window` seconds (Linux: /proc/stat's busy time
+    less this process's own; None where /proc is not there)."""
+
+    def sample():
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+        with open("/proc/self/stat") as f:
+            own = f.read().rpartition(")")[2].split()  # after the command name: state is field 0, utime 11, stime 12
+        return sum(ticks), ticks[3] + ticks[4], int(own[11]) + int(own[12])
+
     try:
-        busy = os.getloadavg()[0] >= cores
-    except OSError:  # no load average on this platform
-        busy = False
-    return 1 if busy else None
+        (total0, idle0, own0), _, (total1, idle1, own1) = sample(), time.sleep(window), sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    elapsed = total1 - total0  # ticks over every core
+    if elapsed <= 0:
+        return None
+    busy = (elapsed - (idle1 - idle0)) - (own1 - own0)
+    return max(0.0, busy) / elapsed * (os.cpu_count() or 1)
 
 
 @contextlib.contextmanager

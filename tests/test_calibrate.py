@@ -362,19 +362,40 @@ def test_pipeline_calibration_shows_progress_and_spills_each_layer_to_scratch(so
 
 
 def test_calibration_uses_every_core_unless_they_are_busy(monkeypatch):
-    """One BLAS thread only when other work already keeps every core busy (load average); otherwise the libraries'
-    defaults stay (measured faster on an idle machine)."""
+    """One BLAS thread only when other processes already keep every core busy; otherwise the libraries' defaults
+    stay (measured faster on an idle machine). This process's own work does not count."""
     import os
+    import subprocess
+    import sys
 
     import torch
 
     from convert import calibrate
 
     cores = os.cpu_count() or 1
-    monkeypatch.setattr(os, "getloadavg", lambda: (float(cores), 0.0, 0.0))
+    monkeypatch.setattr(calibrate, "others_busy_cores", lambda: float(cores))
     assert calibrate.calibration_threads() == 1
-    monkeypatch.setattr(os, "getloadavg", lambda: (cores - 0.9, 0.0, 0.0))
+    monkeypatch.setattr(calibrate, "others_busy_cores", lambda: cores - 0.9)
     assert calibrate.calibration_threads() is None
+    monkeypatch.undo()
+    # measured: a process spinning on every core is seen; this process spinning is not
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(cores)]
+    try:
+        assert calibrate.others_busy_cores(0.5) >= cores - 0.5
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+            spinner.wait()
+    import threading
+
+    stop = threading.Event()
+    spinning = threading.Thread(target=lambda: [None for _ in iter(lambda: stop.is_set(), True)])
+    spinning.start()
+    try:
+        assert calibrate.others_busy_cores(0.5) < 0.5
+    finally:
+        stop.set()
+        spinning.join()
     before = torch.get_num_threads()
     with calibrate.blas_threads(None):
         assert torch.get_num_threads() == before
