@@ -193,6 +193,12 @@ def dequantized(codes: np.ndarray, scales: np.ndarray, biases: np.ndarray, dtype
 def pack(codes: np.ndarray, bits: int) -> np.ndarray:
     """MLX's packed layout: each row's codes as one little-endian bit stream, read as uint32 words."""
     rows, cols = codes.shape
+    if 8 % bits == 0:  # 2, 4 or 8 bits: whole codes per byte, the first in the lowest bits
+        per, codes = 8 // bits, codes.astype(np.uint8, copy=False)
+        octets = codes[:, 0::per].copy()
+        for k in range(1, per):
+            octets |= codes[:, k::per] << np.uint8(k * bits)
+        return np.ascontiguousarray(octets).view(np.uint32)
     eights = codes.astype(np.uint64).reshape(rows, cols // 8, 8)
     stream = np.zeros(eights.shape[:2], np.uint64)
     for i in range(8):
@@ -340,7 +346,8 @@ def lower_inverse(lower, leaf: int = 512):
     if n <= leaf:
         return torch.linalg.solve_triangular(lower, torch.eye(n, dtype=lower.dtype), upper=False)
     k = n // 2
-    out = torch.zeros_like(lower)
+    out = torch.empty_like(lower)
+    out[:k, k:] = 0
     out[:k, :k] = a = lower_inverse(lower[:k, :k], leaf)
     out[k:, k:] = lower_inverse(lower[k:, k:], leaf)
     out[k:, :k] = -torch.linalg.solve_triangular(lower[k:, k:], lower[k:, :k] @ a, upper=False)
@@ -437,8 +444,10 @@ class _Hessians:
     """X^T X (float32, numpy) of the inputs of the modules being calibrated, by path. Modules fed the same array (q, k and
     v; gate and up) share one sum, computed once."""
 
-    def __init__(self):
+    def __init__(self, stop_after=()):
         self.sums, self.key = {}, {}
+        # once every path in `stop_after` was fed in a pass, the pass stops (`fed`): its output is not needed
+        self.stop_after, self.fed = set(stop_after), set()
         self.counts, self.experts = {}, {}  # stacked experts: tokens per expert by key, number of experts by path
         self._last = (None, None)  # the array the previous module was fed, and its sum's key
 
@@ -489,11 +498,18 @@ class _Hessians:
         if key is None:
             return None, None
         users = [p for p, k in self.key.items() if k == key]
-        h = np.array(self.sums[key])
+        h = self.sums[key]  # shared by its users, read only
         if users == [path]:
             del self.sums[key]
         del self.key[path]
         return h, key
+
+    def stop_if_done(self, path: str):
+        """Raise `_Stop` when `path` was the last of `stop_after` to be fed in this pass (it then starts over)."""
+        self.fed.add(path)
+        if self.stop_after and self.fed >= self.stop_after:
+            self.fed = set()
+            raise _Stop
 
 
 
@@ -507,6 +523,7 @@ class _Capture(nn.Module):
 
     def __call__(self, x):
         self.hessians.add(self.path, x)
+        self.hessians.stop_if_done(self.path)
         return self.inner(x)
 
 
@@ -520,6 +537,7 @@ class _RoutedCapture(_Capture):
 
     def __call__(self, x, indices, *args, **kwargs):
         self.hessians.add_routed(self.path, x, indices)
+        self.hessians.stop_if_done(self.path)
         return self.inner(x, indices, *args, **kwargs)
 
 
@@ -699,10 +717,15 @@ class LayerwiseQuantizer:
         done, groups = {}, None
         while len(done) < len(targets):
             todo = groups.pop(0) if groups else [p for p in targets if p not in done]
-            hessians = _Hessians()
+            # the pass stops once every module in `todo` has its input (the rest, e.g. the down projection's product,
+            # is not needed); modules never called leave it to run to the end
+            hessians = _Hessians(stop_after=todo)
             swap(layer, prefix, {p: capture(p, targets[p], float_twin(targets[p], floats[p]), hessians) for p in todo})
             for h, mask, context in zip(hidden, masks, self.contexts):
-                mx.eval(layer(h, mask, None, *self.model.layer_args(context, i)))
+                try:
+                    mx.eval(layer(h, mask, None, *self.model.layer_args(context, i)))
+                except _Stop:
+                    pass
             if groups is None and SEQUENTIAL:
                 groups = hessians.groups(todo)
                 todo = groups.pop(0)

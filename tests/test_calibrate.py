@@ -95,6 +95,44 @@ def test_gptq_beats_round_to_nearest_on_every_layer(source):
     assert report.calibration.tokens >= 2048
 
 
+def test_the_hessian_pass_stops_once_every_module_has_its_input():
+    """The calibration pass that measures X^T X stops when the last module being calibrated was fed (the layer's
+    output, e.g. the down projection's product, is not needed): every Hessian is that of the rows, the last
+    module never computes, and a pass in which a module is never fed runs to the end."""
+    import mlx.nn as nn
+
+    rng = np.random.default_rng(0)
+    first, second = nn.Linear(8, 8), nn.Linear(8, 4)
+    hessians = calibrate._Hessians(stop_after=["a", "b"])
+    computed = []
+
+    class Recording(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def __call__(self, x):
+            computed.append(x.shape)
+            return self.inner(x)
+
+    a = calibrate._Capture("a", Recording(first), hessians)
+    b = calibrate._Capture("b", Recording(second), hessians)
+    batches = [mx.array(rng.standard_normal((5, 8)).astype(np.float32)) for _ in range(2)]
+    for x in batches:
+        with pytest.raises(calibrate._Stop):
+            b(mx.tanh(a(x)))
+    assert computed == [(5, 8), (5, 8)]  # a computed in each pass, b in none
+    h_a, _ = hessians.pop("a")
+    h_b, _ = hessians.pop("b")
+    xs = [np.array(x) for x in batches]
+    ys = [np.tanh(np.array(first(x))) for x in batches]
+    np.testing.assert_allclose(h_a, sum(x.T @ x for x in xs), rtol=1e-5)
+    np.testing.assert_allclose(h_b, sum(y.T @ y for y in ys), rtol=1e-5, atol=1e-6)
+    only_a = calibrate._Hessians(stop_after=["a", "b"])
+    out = calibrate._Capture("a", first, only_a)(batches[0])  # b never fed: no stop
+    assert out.shape == (5, 8)
+
+
 def test_spilled_layers_are_read_back_lazily_and_unchanged(source, tmp_path):
     """With a scratch folder, each calibrated layer is written there and read back lazily (save evaluates it), so
     memory does not hold the quantized layers done so far."""
