@@ -110,3 +110,19 @@ def test_slow_blas_is_noted(monkeypatch, tmp_path):
     assert len(notes) == 1 and "pip install cmeel-openblas" in notes[0] and "not installed" in notes[0]
     monkeypatch.setattr(blas, "STATUS", "OpenBLAS (cmeel-openblas)")
     assert backend.setup_notes([str(tmp_path)]) == []
+
+
+@pytest.mark.parametrize("given", [None, "7"])
+def test_openblas_threads_stop_spinning_soon_unless_told_otherwise(given):
+    """`import convert` (before numpy and MLX load their OpenBLAS) sets a short idle spin for OpenBLAS's threads,
+    which otherwise hold cores for ~0.1 s after each product while torch and numpy need them; a value the user set
+    is kept. Checked in a fresh interpreter, where the libraries have not read the environment yet."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    if given:
+        env["OPENBLAS_THREAD_TIMEOUT"] = given
+    code = ("import sys, os; assert 'numpy' not in sys.modules; import convert; "
+            "print(os.environ.get('OPENBLAS_THREAD_TIMEOUT'), convert.blas.STATUS)")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split()[0] == (given or "20"), out
