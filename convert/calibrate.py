@@ -446,8 +446,9 @@ class _Hessians:
 
     def __init__(self, stop_after=()):
         self.sums, self.key = {}, {}
-        # once every path in `stop_after` was fed in a pass, the pass stops (`fed`): its output is not needed
-        self.stop_after, self.fed = set(stop_after), set()
+        # once every path in `stop_after` was fed in a pass, the pass stops: its output is not needed. `fed` counts
+        # the calls of each path in the current pass (`new_pass`)
+        self.stop_after, self.fed = set(stop_after), {}
         self.counts, self.experts = {}, {}  # stacked experts: tokens per expert by key, number of experts by path
         self._last = (None, None)  # the array the previous module was fed, and its sum's key
 
@@ -504,11 +505,18 @@ class _Hessians:
         del self.key[path]
         return h, key
 
+    def new_pass(self):
+        self.fed = {}
+
+    def fed_once_each(self, paths) -> bool:
+        """Whether each of `paths` was fed exactly once in the pass that just ran (a module called twice in a layer's
+        forward must see both calls, so its passes may not stop early)."""
+        return all(self.fed.get(p) == 1 for p in paths)
+
     def stop_if_done(self, path: str):
-        """Raise `_Stop` when `path` was the last of `stop_after` to be fed in this pass (it then starts over)."""
-        self.fed.add(path)
-        if self.stop_after and self.fed >= self.stop_after:
-            self.fed = set()
+        """Raise `_Stop` when `path` was the last of `stop_after` to be fed in this pass."""
+        self.fed[path] = self.fed.get(path, 0) + 1
+        if self.stop_after and all(p in self.fed for p in self.stop_after):
             raise _Stop
 
 
@@ -717,15 +725,18 @@ class LayerwiseQuantizer:
         done, groups = {}, None
         while len(done) < len(targets):
             todo = groups.pop(0) if groups else [p for p in targets if p not in done]
-            # the pass stops once every module in `todo` has its input (the rest, e.g. the down projection's product,
-            # is not needed); modules never called leave it to run to the end
-            hessians = _Hessians(stop_after=todo)
+            # After a first whole pass, the passes stop once every module in `todo` has its input (the rest, e.g. the
+            # down projection's product, is not needed), unless the first pass fed one of them twice or never.
+            hessians = _Hessians()
             swap(layer, prefix, {p: capture(p, targets[p], float_twin(targets[p], floats[p]), hessians) for p in todo})
-            for h, mask, context in zip(hidden, masks, self.contexts):
+            for n, (h, mask, context) in enumerate(zip(hidden, masks, self.contexts)):
+                hessians.new_pass()
                 try:
                     mx.eval(layer(h, mask, None, *self.model.layer_args(context, i)))
                 except _Stop:
                     pass
+                if n == 0 and hessians.fed_once_each(todo):
+                    hessians.stop_after = set(todo)
             if groups is None and SEQUENTIAL:
                 groups = hessians.groups(todo)
                 todo = groups.pop(0)

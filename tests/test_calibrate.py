@@ -96,9 +96,10 @@ def test_gptq_beats_round_to_nearest_on_every_layer(source):
 
 
 def test_the_hessian_pass_stops_once_every_module_has_its_input():
-    """The calibration pass that measures X^T X stops when the last module being calibrated was fed (the layer's
-    output, e.g. the down projection's product, is not needed): every Hessian is that of the rows, the last
-    module never computes, and a pass in which a module is never fed runs to the end."""
+    """The calibration passes that measure X^T X stop when the last module being calibrated was fed (the layer's
+    output, e.g. the down projection's product, is not needed): every Hessian is that of the rows and the last
+    module never computes. A pass in which a module is never fed runs to the end, and `fed_once_each` (checked by
+    the layer loop after a first whole pass) tells a module called twice, whose passes must not stop early."""
     import mlx.nn as nn
 
     rng = np.random.default_rng(0)
@@ -119,6 +120,7 @@ def test_the_hessian_pass_stops_once_every_module_has_its_input():
     b = calibrate._Capture("b", Recording(second), hessians)
     batches = [mx.array(rng.standard_normal((5, 8)).astype(np.float32)) for _ in range(2)]
     for x in batches:
+        hessians.new_pass()
         with pytest.raises(calibrate._Stop):
             b(mx.tanh(a(x)))
     assert computed == [(5, 8), (5, 8)]  # a computed in each pass, b in none
@@ -128,9 +130,16 @@ def test_the_hessian_pass_stops_once_every_module_has_its_input():
     ys = [np.tanh(np.array(first(x))) for x in batches]
     np.testing.assert_allclose(h_a, sum(x.T @ x for x in xs), rtol=1e-5)
     np.testing.assert_allclose(h_b, sum(y.T @ y for y in ys), rtol=1e-5, atol=1e-6)
-    only_a = calibrate._Hessians(stop_after=["a", "b"])
-    out = calibrate._Capture("a", first, only_a)(batches[0])  # b never fed: no stop
-    assert out.shape == (5, 8)
+    whole = calibrate._Hessians()  # the layer loop's first pass: nothing stops it
+    only_a = calibrate._Capture("a", first, whole)
+    assert only_a(batches[0]).shape == (5, 8)
+    assert not whole.fed_once_each(["a", "b"])  # b never fed
+    assert whole.fed_once_each(["a"])
+    only_a(only_a(batches[0]))
+    assert not whole.fed_once_each(["a"])  # a fed three times in this pass
+    whole.new_pass()
+    only_a(batches[1])
+    assert whole.fed_once_each(["a"])
 
 
 def test_spilled_layers_are_read_back_lazily_and_unchanged(source, tmp_path):
