@@ -51,7 +51,8 @@ DAMP = 0.01  # GPTQ damping: a fraction of the mean Hessian diagonal added to th
 ACT_ORDER = True  # GPTQ rounds columns by decreasing activation energy
 SEQUENTIAL = False  # True: a layer's linear layers calibrated in call order, each group on inputs from the quantized ones
 # before it (SmolLM2-135M 4-bit: KL 0.176 instead of 0.182, within noise, for 2.5 times the forward passes)
-BLOCK = 32  # GPTQ columns rounded one by one within a block; the rest of the matrix is updated once per block
+BLOCK = 128  # GPTQ columns rounded one by one within a block; the rest of the matrix is updated once per block (the
+# paper's 128: a down projection of the 1.1B shape 1.53 s against 1.93 s at 32, the same error to 3 digits)
 # Clipping search: the group's [min, max] range scaled by these factors (1.0 is round-to-nearest's range).
 SHRINK = tuple(np.round(np.arange(1.0, 0.59, -0.05), 2))
 REFITS = 3  # then rounds of weighted least squares for each group's scale and bias
