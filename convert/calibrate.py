@@ -148,14 +148,10 @@ class Calibration:
 
 
 def stored(x: np.ndarray, dtype: str) -> np.ndarray:
-    """float32 values rounded to what `dtype` stores (round to nearest even)."""
-    if dtype == "float16":
-        return x.astype(np.float16).astype(np.float32)
-    if dtype == "bfloat16":
-        u = np.ascontiguousarray(x, np.float32).view(np.uint32)
-        u = (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)
-        return u.view(np.float32)
-    return x.astype(np.float32)
+    """float32 values rounded to what `dtype` stores (round to nearest even); numpy in and out (`stored_t`)."""
+    import torch
+
+    return stored_t(torch.from_numpy(np.array(x, np.float32)), dtype).numpy()
 
 
 def affine_params(lo, hi, bits: int, dtype: str) -> tuple:
@@ -459,10 +455,11 @@ class _Hessians:
             key = path
             # numpy turns X^T X into a symmetric rank-k update (half the products of MLX's general one)
             flat = np.asarray(x.reshape(-1, x.shape[-1]).astype(mx.float32))
+            xtx = flat.T @ flat
             if key in self.sums:
-                self.sums[key] += flat.T @ flat
+                self.sums[key] += xtx
             else:
-                self.sums[key] = flat.T @ flat
+                self.sums[key] = xtx
         if self.key.setdefault(path, key) != key:
             raise RuntimeError(f"calibration: {path} was fed different inputs from one batch to the next")
         self._last = (x, key)
