@@ -14,7 +14,7 @@ from mlx.utils import tree_flatten
 from mlx_arch.core import containers
 from mlx_arch.core.base import text_config
 
-from . import card, checks, quantize as q, save, source, validate
+from . import affine, card, checks, quantize as q, save, source, validate
 from .errors import ConvertError, ValidationFailed
 from .plan import GB, ConvertPlan
 
@@ -125,6 +125,8 @@ def run_variants(plans: list, progress: Optional[Callable] = None, log: Optional
 
 def convert_one(plan: ConvertPlan, src, folder: Path, progress, log) -> ConvertResult:
     """Read, convert, write and gate one output of a fetched source (resumable: see `resume_key`)."""
+    if not plan.skip_validation:
+        affine.preload()  # the gate needs torch: with it imported, save rounds in torch (`affine.Rounding`)
     with save.scratch(plan.mlx_path) as scratch:  # .bin sources are rewritten here to be read lazily
         converted = convert_weights(plan, src, source_weights(folder, src, progress, scratch), log, progress, scratch)
         key = resume_key(plan, src)
@@ -190,8 +192,12 @@ def convert_weights(plan: ConvertPlan, src, weights: dict, log, progress=None, s
     if tied is not None:
         config.setdefault("tie_word_embeddings", tied)
     # Only the flat dict may keep the arrays alive: the shards evaluate and release them one by one.
-    return Converted(dict(tree_flatten(model.parameters())), config, dtype, quant, q.parameter_count(model),
-                     container, drops)
+    weights = dict(tree_flatten(model.parameters()))
+    for path, job in quant.rounded.items():  # rounded by save in torch: MLX's lazy arrays give only their shapes
+        for k, name in enumerate(("weight", "scales", "biases")):
+            weights[f"{path}.{name}"] = affine.Deferred(job, k, weights[f"{path}.{name}"])
+    quant.rounded = {}
+    return Converted(weights, config, dtype, quant, q.parameter_count(model), container, drops)
 
 
 def declared_drops(model, weights: dict) -> dict:

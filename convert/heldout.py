@@ -111,7 +111,7 @@ def mlx_logits(folder, ids: np.ndarray, on_layer: Optional[Callable] = None) -> 
 
     from mlx_arch import load_model
 
-    from .layerwise import Released, as_float32
+    from .layerwise import Released, as_float32, materialize
 
     model, _ = load_model(folder, lazy=True)
     as_float32(model)
@@ -119,6 +119,7 @@ def mlx_logits(folder, ids: np.ndarray, on_layer: Optional[Callable] = None) -> 
     masks, context = model.masks(h), model.stream_context(mx.array(ids), h)  # what layers read besides h
     for i in range(len(model.layers)):
         layer = model.layers[i]
+        materialize(layer)
         h = layer(h, masks[i], None, *model.layer_args(context, i))
         mx.eval(h)
         model.layers[i] = Released(layer.kind)

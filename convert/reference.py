@@ -6,11 +6,14 @@ import contextlib
 import copy
 import functools
 import json
+import math
 import re
 from pathlib import Path
 from typing import Optional
 
 import torch
+
+from . import affine
 
 
 @contextlib.contextmanager
@@ -39,7 +42,7 @@ class TensorSource:
     def keys(self):
         raise NotImplementedError
 
-    def _get(self, key) -> torch.Tensor:
+    def _get(self, key, into=None) -> torch.Tensor:
         raise NotImplementedError
 
     def rename(self, renames):
@@ -56,8 +59,10 @@ class TensorSource:
     def __contains__(self, key):
         return key in self.aliases or key in self.keys()
 
-    def get(self, key) -> torch.Tensor:
-        return self._get(self.aliases.get(key, key))
+    def get(self, key, into=None) -> torch.Tensor:
+        """The tensor of `key`. `into(shape)` hands out reusable float32 storage, for a reader that computes a
+        float32 tensor (a dequantized weight) to fill instead of fresh memory."""
+        return self._get(self.aliases.get(key, key), into)
 
 
 class CheckpointReader(TensorSource):
@@ -94,7 +99,7 @@ class CheckpointReader(TensorSource):
     def __contains__(self, key):
         return key in self.files or key in self.packed or key in self.aliases
 
-    def _get(self, key) -> torch.Tensor:
+    def _get(self, key, into=None) -> torch.Tensor:
         if key in self.packed:
             return dequantized_mxfp4(*(self._get(k) for k in self.packed[key]))
         if key in self.fp8.scales:
@@ -184,33 +189,51 @@ class OutputWeights(TensorSource):
         self._keys = self.held | {k for k in fallback.keys() if k not in self.held and dropped(self.rules, k)}
 
     def _mapped(self) -> dict:
-        """Lazy {checkpoint name: float32 array} of everything the folder holds."""
+        """Lazy {checkpoint name: float32 array} of everything the folder holds. Also fills `direct`: the checkpoint
+        names whose tensor is one affine-quantized weight as stored (no rule reshapes it), which `_get` dequantizes
+        in torch (`affine.dequantize`: the same values, several times faster than MLX's kernel)."""
         import mlx.core as mx
         from mlx_arch.core.weights import apply_rules, inverse
 
         stored = {}
         for f in sorted(self.folder.glob("model*.safetensors")):
             stored.update(mx.load(str(f)))
-        return apply_rules(float_weights(stored, self.config), inverse(self.rules))
+        floats = float_weights(stored, self.config)
+        mapped = apply_rules(floats, inverse(self.rules))
+        # the float arrays of quantized weights (alive in `floats`, so no other array has their id)
+        quantized = {id(floats[key]): key for key in floats
+                     if key.endswith(".weight") and f"{key.rpartition('.')[0]}.scales" in stored}
+        self.direct = {}
+        for name, array in mapped.items():
+            base = quantized.get(id(array), "").rpartition(".")[0]
+            params = quantization_params(self.config, base) if base else None
+            if params and params["mode"] == "affine" and stored[f"{base}.weight"].ndim == 2 and \
+                    f"{base}.biases" in stored and params["bits"] in affine.BITS:
+                self.direct[name] = tuple(stored[f"{base}.{leaf}"] for leaf in ("weight", "scales", "biases")) + (
+                    params["bits"], params["group_size"])
+        return mapped
 
     def keys(self):
         return self._keys
 
-    def _get(self, key) -> torch.Tensor:
+    def _get(self, key, into=None) -> torch.Tensor:
         import mlx.core as mx
-        import numpy as np
 
         if key not in self.held:
             return self.fallback.get(key)
         if key not in self.tensors:
             self.tensors = self._mapped()
+        if key in self.direct:
+            self.tensors.pop(key)
+            weight, scales, biases, bits, group_size = self.direct.pop(key)
+            out = None if into is None else into((weight.shape[0], weight.shape[1] * 32 // bits))
+            views = [affine.torch_view(a) for a in (weight, scales, biases)]
+            return affine.dequantize(*views, bits, group_size, out)
         # a view of MLX's buffer, which the tensor keeps alive: no copy (a copy into fresh pages cost ~10 s per 1.1B
         # weights here). bf16 and float16 stay as stored (numpy has no bf16: its bits go through as uint16), for the
         # reader to make float32 in its reused buffers, faster than MLX's single-threaded cast into fresh memory.
         array = self.tensors.pop(key)
-        if array.dtype == mx.bfloat16:
-            return torch.from_numpy(np.asarray(array.view(mx.uint16))).view(torch.bfloat16)
-        return torch.from_numpy(np.asarray(array if array.dtype == mx.float16 else array.astype(mx.float32)))
+        return affine.torch_view(array if array.dtype in (mx.bfloat16, mx.float16) else array.astype(mx.float32))
 
 
 def output_rules(config: dict, source: TensorSource) -> list:
@@ -229,19 +252,25 @@ def float_weights(stored: dict, config: dict) -> dict:
     """Stored MLX weights with every quantized (weight, scales, biases) group replaced by its float32 weight."""
     from mlx_arch.core.quant import dequantize
 
-    quant = config.get("quantization") or config.get("quantization_config") or {}
     out = {}
     for key, value in stored.items():
         base, _, leaf = key.rpartition(".")
         if f"{base}.scales" not in stored or leaf not in ("weight", "scales", "biases"):
             out[key] = value
         elif leaf == "weight":
-            params = {"group_size": quant.get("group_size", 64), "bits": quant.get("bits", 4),
-                      "mode": quant.get("mode", "affine")}
-            if isinstance(quant.get(base), dict):
-                params.update({k: v for k, v in quant[base].items() if k in params})
-            out[key] = dequantize(value, stored[f"{base}.scales"], stored.get(f"{base}.biases"), **params)
+            out[key] = dequantize(value, stored[f"{base}.scales"], stored.get(f"{base}.biases"),
+                                  **quantization_params(config, base))
     return out
+
+
+def quantization_params(config: dict, base: str) -> dict:
+    """Group size, bits and mode of the quantized layer `base` (its own entry in the config, else the default)."""
+    quant = config.get("quantization") or config.get("quantization_config") or {}
+    params = {"group_size": quant.get("group_size", 64), "bits": quant.get("bits", 4),
+              "mode": quant.get("mode", "affine")}
+    if isinstance(quant.get(base), dict):
+        params.update({k: v for k, v in quant[base].items() if k in params})
+    return params
 
 
 def build_reference(folder):
@@ -431,14 +460,17 @@ class Buffers:
 
     def converted(self, tensor: torch.Tensor) -> torch.Tensor:
         """`tensor` as float32 in a pooled buffer (a parameter: `release` it when it is let go)."""
-        n = tensor.numel()
+        return self.empty(tensor.shape).copy_(tensor)
+
+    def empty(self, shape) -> torch.Tensor:
+        """A float32 parameter of `shape` in a pooled buffer, its values undefined (`release` it when let go)."""
+        n = math.prod(shape)
         self.count += 1
         self.free = [(b, when) for b, when in self.free if when >= self.count - self.KEEP]
         fits = [i for i, (b, _) in enumerate(self.free) if n <= b.numel() <= 2 * n]
         best = min(fits, key=lambda i: self.free[i][0].numel(), default=None)
         flat = self.free.pop(best)[0] if best is not None else torch.empty(n, dtype=torch.float32)
-        param = torch.nn.Parameter(flat[:n].view(tensor.shape), requires_grad=False)
-        param.copy_(tensor)
+        param = torch.nn.Parameter(flat[:n].view(shape), requires_grad=False)
         self.lent[id(param)] = (param, flat)
         return param
 
@@ -549,7 +581,7 @@ class StreamedForward:
     def _tensor(self, name, shape) -> torch.Tensor:
         source = self.sources[name]
         if isinstance(source, str):
-            tensor = self.reader.get(source)
+            tensor = self.reader.get(source, self._buffers.empty if self._buffers is not None else None)
             if self._buffers is not None and tensor.dtype != torch.float32 and tensor.is_floating_point():
                 return self._buffers.converted(tensor)
             return tensor.float().to(self.device)

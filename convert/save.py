@@ -12,7 +12,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from . import safetensors_file
+from . import affine, safetensors_file
 from .errors import ConvertError
 from .source import TEMPLATE_DIR
 
@@ -53,7 +53,8 @@ def stream_safetensors(path: Path, tensors: list, digest=None) -> int:
     entries = [(name, SAFETENSORS_DTYPES[a.dtype], a.shape, a.nbytes, functools.partial(ahead.bytes_of, i))
                for i, (name, a) in enumerate(tensors)]
     tensors.clear()
-    return safetensors_file.write(path, entries, "mlx", digest)
+    with affine.threads_restored():
+        return safetensors_file.write(path, entries, "mlx", digest)
 
 
 class Lookahead:
@@ -89,10 +90,16 @@ class Lookahead:
             start, stop = self.groups[self.started]
             # Only the arrays themselves: an op queued on the default stream that waits for another stream's result
             # would hold up that queue (the source reads are there), and nothing would overlap.
-            mx.async_eval(self.arrays[start:stop])
+            first = self.arrays[start]
+            if isinstance(first, affine.Deferred):
+                first.job.start()  # read here, rounded on the worker threads
+            else:
+                mx.async_eval(self.arrays[start:stop])
             in_flight += self.size[self.started]
             self.started += 1
         array, self.arrays[i] = self.arrays[i], None
+        if isinstance(array, affine.Deferred):
+            return memoryview(np.ascontiguousarray(array.job.part(array.index)).reshape(-1).view(np.uint8))
         mx.eval(array)  # on its own stream; the flattening below, on the default stream, then waits for nothing
         flat = mx.contiguous(array.reshape(-1)).view(mx.uint8)
         mx.eval(flat)

@@ -319,6 +319,19 @@ def once(key: tuple, compute: Callable):
     return _shared[key]
 
 
+def side_files_digest(folder) -> str:
+    """SHA-256 of a folder's files other than its weights, config, card and report (the tokenizer and templates)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for path in sorted(Path(folder).rglob("*")):
+        name = path.relative_to(folder).as_posix()
+        if path.is_file() and not name.startswith("model") and name not in ("config.json", "README.md",
+                                                                              "validation.json"):
+            h.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
 def digest(*arrays) -> str:
     import hashlib
 
@@ -429,7 +442,10 @@ def stage(report: Report, name: str):
 
 
 def check_tokenizer(report: Report, source, output):
-    report.tokenizer, tokenizer = tokenizer_fidelity(source, output)
+    """The tokenizer check; within `sharing()`, outputs holding the same tokenizer files (--variants) share it."""
+    key = ("tokenizer check", str(source), side_files_digest(output))
+    report.tokenizer, tokenizer = once(key, lambda: tokenizer_fidelity(source, output))
+    report.tokenizer = dict(report.tokenizer, mismatches=list(report.tokenizer["mismatches"]))
     report.failures += [f"tokenizer: {m}" for m in report.tokenizer["mismatches"]]
     return tokenizer
 
@@ -468,9 +484,9 @@ class Compared:
     def __contains__(self, key):
         return key in self.held
 
-    def get(self, key):
+    def get(self, key, into=None):
         key = self.held.aliases.get(key, key)
-        tensor = self.held.get(key)
+        tensor = self.held.get(key, into)
         if key in self.held.held and key not in self.errors and key in self.source:
             self.errors[key] = tensor_error(self.held, key, tensor, self.source.get(key))
         return tensor

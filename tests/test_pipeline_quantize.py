@@ -124,20 +124,30 @@ def test_gate_dequantize_is_mx_dequantize(bits, mode, group_size, shape, dtype, 
 @pytest.mark.parametrize("options", [dict(q_bits=4, q_group_size=64), dict(q_bits=3, q_group_size=32),
                                      dict(q_bits=8, q_group_size=64), dict(q_mode="mxfp4")])
 def test_parallel_rounding_writes_the_bytes_of_mlx_on_one_stream(tmp_path, monkeypatch, options):
-    """Linear and embedding layers are quantized in row blocks over several streams and saved with look-ahead
-    (`quantize.round_to_nearest`, `save.Lookahead`): the files must be those of MLX's own `nn.quantize` on one
-    stream, byte for byte. Odd row counts (vocabulary 1001, 3 streams) give uneven blocks."""
+    """Linear and embedding layers are quantized in row blocks over several streams, or in torch on worker threads
+    where torch is imported (`affine.Rounding`: affine layers), and saved with look-ahead (`quantize.round_to_nearest`,
+    `save.Lookahead`): the files must be those of MLX's own `nn.quantize` on one stream, byte for byte. Odd row
+    counts (vocabulary 1001, 3 streams) give uneven blocks."""
+    import convert.affine as affine
     import convert.quantize as q
 
     src = make_checkpoint(tmp_path / "src", "llama", dtype="bfloat16", num_hidden_layers=2, vocab_size=1001,
                           tie_word_embeddings=False)
+    rounded = []
+    real_round = affine.round_affine
+    monkeypatch.setattr(affine, "round_affine", lambda w, *a: rounded.append(w.shape) or real_round(w, *a))
     outputs = {}
-    for streams in (1, 3):
+    for streams, torch_ready in ((1, False), (3, False), (3, True)):
         monkeypatch.setattr(q, "_STREAMS", [mx.default_stream(mx.cpu)] if streams == 1 else
                             [mx.new_stream(mx.cpu) for _ in range(streams)])
-        outputs[streams] = convert(str(src), tmp_path / f"out{streams}", quantize=True, q_method="rtn",
-                                   skip_validation=True, max_shard_size=20_000, **options).path
-    files = sorted(p.name for p in outputs[1].glob("model*.safetensors"))
-    assert len(files) > 2 and files == sorted(p.name for p in outputs[3].glob("model*.safetensors"))
-    for name in files:
-        assert (outputs[1] / name).read_bytes() == (outputs[3] / name).read_bytes(), name
+        monkeypatch.setattr(affine, "torch_ready", lambda: torch_ready)
+        outputs[streams, torch_ready] = convert(str(src), tmp_path / f"out{streams}{torch_ready}", quantize=True,
+                                                q_method="rtn", skip_validation=True, max_shard_size=20_000,
+                                                **options).path
+    assert bool(rounded) == (options.get("q_mode") != "mxfp4")  # every affine layer went through torch
+    files = sorted(p.name for p in outputs[1, False].glob("model*.safetensors"))
+    assert len(files) > 2
+    for other in ((3, False), (3, True)):
+        assert files == sorted(p.name for p in outputs[other].glob("model*.safetensors"))
+        for name in files:
+            assert (outputs[1, False] / name).read_bytes() == (outputs[other] / name).read_bytes(), (other, name)

@@ -124,7 +124,7 @@ def test_experts_are_read_one_layer_at_a_time(moe):
     model, reader = run.model, run.reader
     reads, per_module, real_counts = [], [], []
     original_get = reader.get
-    reader.get = lambda key: reads.append(key) or original_get(key)
+    reader.get = lambda key, *rest: reads.append(key) or original_get(key, *rest)
 
     def before(module, args):  # registered after the loading hook, so it sees what the load did
         real_counts.append(sum(1 for p in model.parameters() if not p.is_meta))

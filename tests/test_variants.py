@@ -32,8 +32,8 @@ def files(folder) -> dict:
 
 
 def test_each_variant_equals_its_single_run_and_source_passes_run_once(src, tmp_path, capsys, monkeypatch):
-    calls = {"original": 0, "shadow": 0}
-    reference_pass, check_folders = validate.reference_pass, shadow.check_folders
+    calls = {"original": 0, "shadow": 0, "tokenizer": 0}
+    reference_pass, check_folders, fidelity = validate.reference_pass, shadow.check_folders, validate.tokenizer_fidelity
 
     def counted_reference(source, weights, *args, **kwargs):
         calls["original"] += type(weights).__name__ == "CheckpointReader"  # the float original's pass
@@ -43,18 +43,24 @@ def test_each_variant_equals_its_single_run_and_source_passes_run_once(src, tmp_
         calls["shadow"] += 1
         return check_folders(*args)
 
+    def counted_tokenizer(*args):
+        calls["tokenizer"] += 1
+        return fidelity(*args)
+
     monkeypatch.setattr(validate, "reference_pass", counted_reference)
     monkeypatch.setattr(shadow, "check_folders", counted_shadow)
+    monkeypatch.setattr(validate, "tokenizer_fidelity", counted_tokenizer)
     code, out, err = cli(["--hf-path", src, "--mlx-path", tmp_path / "v" / "m", "--variants", "bf16,8,4",
                           "--q-group-size", "32"], capsys)
     assert code == 0, err
     # The float original's held-out pass once for all variants; bf16 holds the source's values: its exact pass is
-    # the float original's probe pass, for every variant.
-    assert calls == {"original": 1, "shadow": 1}
+    # the float original's probe pass, for every variant. The outputs hold the same tokenizer files: one check.
+    assert calls == {"original": 1, "shadow": 1, "tokenizer": 1}
     assert sorted(p.name for p in (tmp_path / "v").iterdir()) == ["m-4bit", "m-8bit", "m-bf16"]
     assert out.count("Saved ") == 3
     monkeypatch.setattr(validate, "reference_pass", reference_pass)
     monkeypatch.setattr(shadow, "check_folders", check_folders)
+    monkeypatch.setattr(validate, "tokenizer_fidelity", fidelity)
     for name, options in (("m-bf16", ["--dtype", "bfloat16"]), ("m-8bit", ["-q", "--q-bits", "8"]),
                           ("m-4bit", ["-q", "--q-bits", "4"])):
         single = tmp_path / "single" / name
