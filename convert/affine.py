@@ -34,9 +34,12 @@ DTYPES = ("bfloat16", "float16", "float32")
 BLOCK = 1 << 18  # float32 elements rounded at a time (1 MiB: in cache, and few enough operations per block)
 
 
+ROUNDED_BITS = (2, 4, 8)  # 3, 5 and 6 bits: torch's packing of codes across bytes is slower than MLX's kernel
+
+
 def applies(weight, params: dict) -> bool:
-    """Whether `round_affine` computes MLX's quantization of `weight` (an MLX array) with `params`."""
-    return (params.get("mode", "affine") == "affine" and params["bits"] in BITS
+    """Whether save rounds `weight` (an MLX array) with `params` in torch (`round_affine` computes any of BITS)."""
+    return (params.get("mode", "affine") == "affine" and params["bits"] in ROUNDED_BITS
             and params["group_size"] in GROUP_SIZES and weight.ndim == 2
             and str(weight.dtype).rpartition(".")[2] in DTYPES and weight.shape[-1] % params["group_size"] == 0)
 
@@ -98,8 +101,8 @@ def group_params(x, bits: int):
 
 def pack_into(out, codes, bits: int):
     """MLX's packed layout of the uint8 codes (rows, cols) into the uint8 rows `out` (each row one little-endian bit
-    stream): 2, 4 and 8 bits by shifting neighbouring bytes of an integer view together; 3, 5 and 6 through
-    `calibrate.pack`."""
+    stream): 2, 4 and 8 bits by shifting neighbouring bytes of an integer view together, 3, 5 and 6 bits through
+    integers holding a whole number of bytes."""
     import torch
 
     if bits == 8:
@@ -111,10 +114,16 @@ def pack_into(out, codes, bits: int):
         quads = codes.view(torch.int32)
         quads = quads | (quads >> 6)  # byte 1 onto bits 2-3 of byte 0, byte 3 onto bits 2-3 of byte 2
         out.copy_((quads | (quads >> 12)).view(out.shape))  # byte 2's four bits onto bits 4-7 of byte 0
-    else:
-        from .calibrate import pack
-
-        out.copy_(torch.from_numpy(pack(codes.numpy(), bits).view(np.uint8)))
+    else:  # 3, 5, 6 bits: 8 codes make `bits` whole bytes (3 and 6 bits: 24-bit groups, in int32)
+        rows, cols = codes.shape
+        per, kind = (8, torch.int64) if bits == 5 else (24 // bits, torch.int32)
+        parts = codes.view(rows, cols // per, per).to(kind)
+        stream = parts[..., 0].clone()
+        for j in range(1, per):
+            stream |= parts[..., j] << (j * bits)
+        octets = out.view(rows, cols // per, per * bits // 8)
+        for k in range(per * bits // 8):
+            octets[..., k].copy_(stream >> (8 * k))  # the cast to uint8 keeps the low byte
 
 
 def dequantize(packed, scales, biases, bits: int, group_size: int, out=None):
@@ -163,13 +172,14 @@ def unpack_into(out, packed, bits: int):
         slots = out.view(rows, cols // per, per)
         for j in range(per):
             slots[..., j].copy_((packed >> (j * bits)) & mask)
-    else:  # 3, 5, 6 bits: every `bits` bytes hold 8 codes
-        chunks = packed.view(rows, cols // 8, bits).to(torch.int64)
-        stream = chunks[..., 0].clone()
-        for k in range(1, bits):
-            stream |= chunks[..., k] << (8 * k)
-        slots = out.view(rows, cols // 8, 8)
-        for j in range(8):
+    else:  # 3, 5, 6 bits: 8 codes in `bits` bytes (3 and 6 bits: 24-bit groups, in int32)
+        per, kind = (8, torch.int64) if bits == 5 else (24 // bits, torch.int32)
+        octets = packed.view(rows, cols // per, per * bits // 8).to(kind)
+        stream = octets[..., 0].clone()
+        for k in range(1, per * bits // 8):
+            stream |= octets[..., k] << (8 * k)
+        slots = out.view(rows, cols // per, per)
+        for j in range(per):
             slots[..., j].copy_((stream >> (j * bits)) & mask)
 
 
