@@ -44,10 +44,10 @@ def applies(weight, params: dict) -> bool:
             and str(weight.dtype).rpartition(".")[2] in DTYPES and weight.shape[-1] % params["group_size"] == 0)
 
 
-def round_affine(w, bits: int, group_size: int) -> Optional[tuple]:
+def round_affine(w, bits: int, group_size: int, out: Optional[tuple] = None) -> Optional[tuple]:
     """(packed codes as uint32 (rows, cols * bits / 32), scales, biases (rows, cols / group_size) in w's dtype), as
     numpy arrays (the float16/bfloat16 ones as uint16 bit patterns), of the torch tensor `w` (rows, cols); None when
-    a group is not finite."""
+    a group is not finite. `out`: torch tensors (packed codes as uint8, scales, biases) to fill instead."""
     import torch
 
     rows, cols = w.shape
@@ -55,9 +55,8 @@ def round_affine(w, bits: int, group_size: int) -> Optional[tuple]:
     step = max(1, min(rows, BLOCK // cols))
     block = torch.empty(step * cols, dtype=torch.float32)
     codes = torch.empty(step * cols, dtype=torch.uint8)
-    packed = torch.empty(rows, cols * bits // 8, dtype=torch.uint8)
-    scales = torch.empty(rows, groups, dtype=w.dtype)
-    biases = torch.empty(rows, groups, dtype=w.dtype)
+    packed, scales, biases = out or (torch.empty(rows, cols * bits // 8, dtype=torch.uint8),
+                                     torch.empty(rows, groups, dtype=w.dtype), torch.empty(rows, groups, dtype=w.dtype))
     for start in range(0, rows, step):
         n = min(step, rows - start)
         x = block[: n * cols].view(n, groups, group_size).copy_(w[start : start + n].view(n, groups, group_size))
@@ -227,7 +226,7 @@ class Rounding:
 
     def __init__(self, source, bits: int, group_size: int, likes: tuple):
         self.source, self.bits, self.group_size, self.likes = source, bits, group_size, list(likes)
-        self.futures, self.parts, self.used_torch = None, None, False
+        self.futures, self.parts, self.out, self.used_torch = None, None, None, False
 
     def start(self):
         if self.futures is not None or self.parts is not None:
@@ -236,14 +235,20 @@ class Rounding:
             self.futures, self.source = [], None
             mx.async_eval(self.likes)
             return
+        import torch
+
         source = mx.contiguous(self.source)
         mx.eval(source)
         w = torch_view(source)
         self.source = None  # the bytes live in `w` until the workers are done
         lower_threads()  # until the shard is written (`threads_restored`)
-        step = -(-w.shape[0] // workers())
-        self.futures = [_pool().submit(round_affine, w[i : i + step], self.bits, self.group_size)
-                        for i in range(0, w.shape[0], step)]
+        rows, cols = w.shape
+        self.out = (torch.empty(rows, cols * self.bits // 8, dtype=torch.uint8),
+                    torch.empty(rows, cols // self.group_size, dtype=w.dtype),
+                    torch.empty(rows, cols // self.group_size, dtype=w.dtype))
+        step = -(-rows // workers())  # each worker fills its rows of `out`
+        self.futures = [_pool().submit(round_affine, w[i : i + step], self.bits, self.group_size,
+                                       tuple(t[i : i + step] for t in self.out)) for i in range(0, rows, step)]
         self.used_torch = True
 
     def part(self, k: int) -> np.ndarray:
@@ -253,14 +258,14 @@ class Rounding:
             blocks = [f.result() for f in self.futures]
             self.futures = None
             if blocks and all(b is not None for b in blocks):
-                self.parts = [np.concatenate([b[j] for b in blocks]) if len(blocks) > 1 else blocks[0][j]
-                              for j in range(3)]
+                packed, scales, biases = self.out
+                self.parts = [packed.numpy().view(np.uint32), as_numpy(scales), as_numpy(biases)]
             else:  # torch was not ready, or the source is not finite: MLX's kernel
                 mx.eval(self.likes)
                 self.parts = [np.asarray(a if a.dtype in (mx.uint32, mx.float32) else a.view(mx.uint16))
                               for a in self.likes]
                 self.used_torch = False
-            self.likes = None
+            self.likes = self.out = None
         return self.parts[k]
 
 
