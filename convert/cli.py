@@ -62,7 +62,7 @@ class ConvertCommand(click.Command):
               "group's min and max (mx.quantize, mlx_lm.convert). search: per group, the clipping range that "
               "minimises the error weighted by calibration activations. gptq: error-feedback rounding with Hessians "
               "of calibration activations, layer by layer (SmolLM2-135M at 3-4 bits: KL to the float model 27-31% "
-              "of rtn's, search 36-42%; calibration takes about 70 s for SmolLM2-135M and 9 min for a 1.1B model on "
+              "of rtn's, search 36-42%; calibration takes about 55 s for SmolLM2-135M and 6-9 min for a 1.1B model on "
               "2 CPU cores, where rtn takes seconds); mixture-of-experts layers are calibrated per expert on the "
               "tokens routed to each. Default: gptq below 8 bits; rtn at 8 bits, for block formats "
               "and sources without a tokenizer.")

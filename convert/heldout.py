@@ -111,15 +111,16 @@ def mlx_logits(folder, ids: np.ndarray, on_layer: Optional[Callable] = None) -> 
 
     from mlx_arch import load_model
 
-    from .layerwise import Released, as_float32, materialize
+    from .layerwise import Released, Scratch, as_float32, materialize
 
     model, _ = load_model(folder, lazy=True)
     as_float32(model)
     h = model.embed(mx.array(ids))
     masks, context = model.masks(h), model.stream_context(mx.array(ids), h)  # what layers read besides h
+    scratch = Scratch()
     for i in range(len(model.layers)):
         layer = model.layers[i]
-        materialize(layer)
+        materialize(layer, scratch)
         h = layer(h, masks[i], None, *model.layer_args(context, i))
         mx.eval(h)
         model.layers[i] = Released(layer.kind)

@@ -116,8 +116,9 @@ def test_the_gate_reads_the_same_dequantized_weights_from_torch_and_mlx(tmp_path
     pending = [m for layer in model.layers for _, m in layer.named_modules()
                if isinstance(getattr(m, "stored", None), layerwise._Stored)]
     assert len(pending) == len(expected) > 0  # every quantized linear layer goes through torch
+    scratch = layerwise.Scratch()
     for layer in model.layers:
-        layerwise.materialize(layer)
+        layerwise.materialize(layer, scratch)
     for (i, name), values in expected.items():
         twin = dict(model.layers[i].named_modules())[name]
         assert not quant.is_quantized(twin) and np.array_equal(np.asarray(twin.weight), values), (i, name)
