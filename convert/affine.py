@@ -4,7 +4,8 @@ dequantization (what `mx.dequantize` gives).
 MLX's CPU kernels for both run one scalar loop on one thread: on the x86 CPUs Linux release engineers convert on,
 rounding was two thirds of a 4-bit conversion's time, and dequantizing a 1.1B model took 6 s, twice per gate. The
 same arithmetic as torch's vectorised operations, a block of rows at a time (it stays in cache), on a worker thread
-per core, gives identical bytes several times faster:
+per core, gives identical bytes faster (measured on one thread: 4-bit rounding 28 ms against 40 ms for a 5632x2048
+weight; the 1.1B model dequantized in 1.0 s on two threads against 6.3 s):
 
 - rounding, per group: the range [min, max] split into 2**bits - 1 steps, its edge of larger magnitude kept exact
   (scale = edge / round(edge / step), bias = edge), codes rint((w - bias) / scale) clamped, all in float32 with the

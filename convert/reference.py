@@ -200,17 +200,7 @@ class OutputWeights(TensorSource):
             stored.update(mx.load(str(f)))
         floats = float_weights(stored, self.config)
         mapped = apply_rules(floats, inverse(self.rules))
-        # the float arrays of quantized weights (alive in `floats`, so no other array has their id)
-        quantized = {id(floats[key]): key for key in floats
-                     if key.endswith(".weight") and f"{key.rpartition('.')[0]}.scales" in stored}
-        self.direct = {}
-        for name, array in mapped.items():
-            base = quantized.get(id(array), "").rpartition(".")[0]
-            params = quantization_params(self.config, base) if base else None
-            if params and params["mode"] == "affine" and stored[f"{base}.weight"].ndim == 2 and \
-                    f"{base}.biases" in stored and params["bits"] in affine.BITS:
-                self.direct[name] = tuple(stored[f"{base}.{leaf}"] for leaf in ("weight", "scales", "biases")) + (
-                    params["bits"], params["group_size"])
+        self.direct = direct_dequantization(stored, floats, mapped, self.config)
         return mapped
 
     def keys(self):
@@ -261,6 +251,23 @@ def float_weights(stored: dict, config: dict) -> dict:
             out[key] = dequantize(value, stored[f"{base}.scales"], stored.get(f"{base}.biases"),
                                   **quantization_params(config, base))
     return out
+
+
+def direct_dequantization(stored: dict, floats: dict, mapped: dict, config: dict) -> dict:
+    """{checkpoint name: (packed weight, scales, biases, bits, group size)} of the affine-quantized weights that the
+    inverse rules hand through unchanged (the same array object under a checkpoint name: no transpose, split or
+    concatenation), which torch can dequantize straight from the stored arrays."""
+    quantized = {id(floats[key]): key.rpartition(".")[0] for key in floats  # alive in `floats`: ids are unique
+                 if key.endswith(".weight") and f"{key.rpartition('.')[0]}.scales" in stored}
+    direct = {}
+    for name, array in mapped.items():
+        base = quantized.get(id(array))
+        params = quantization_params(config, base) if base else None
+        if params and params["mode"] == "affine" and params["bits"] in affine.BITS and \
+                stored[f"{base}.weight"].ndim == 2 and f"{base}.biases" in stored:
+            direct[name] = tuple(stored[f"{base}.{leaf}"] for leaf in ("weight", "scales", "biases")) + (
+                params["bits"], params["group_size"])
+    return direct
 
 
 def quantization_params(config: dict, base: str) -> dict:
