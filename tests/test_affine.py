@@ -1,6 +1,7 @@
 """MLX's affine format in torch (`convert/affine.py`): rounding gives `mx.quantize`'s bytes and dequantization
 `mx.dequantize`'s values, bit for bit, and the pipeline uses them only where they hold."""
 
+import os
 import subprocess
 import sys
 
@@ -128,26 +129,27 @@ def test_a_conversion_without_the_gate_never_imports_torch(tmp_path):
     """Rounding in torch is for runs that import it anyway: importing it costs ~200 MB of resident libraries, which
     a conversion without the gate (`--skip-validation`, round to nearest) does not pay."""
     src = make_checkpoint(tmp_path / "src", "llama", dtype="bfloat16", num_hidden_layers=2)
-    code = ("import sys; from convert import convert; "
-            f"convert({str(src)!r}, {str(tmp_path / 'out')!r}, quantize=True, q_method='rtn', skip_validation=True); "
-            "print('torch' in sys.modules)")
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                         env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert run.stdout.strip().splitlines()[-1] == "False"
+    assert fresh_process("import sys; from convert import convert; "
+                         f"convert({str(src)!r}, {str(tmp_path / 'out')!r}, quantize=True, q_method='rtn', "
+                         "skip_validation=True); print('torch' in sys.modules)") == "False"
 
 
 def test_a_gated_conversion_rounds_while_torch_is_still_being_imported(tmp_path):
     """In a fresh process the gate's torch is imported on a thread while save runs (`affine.preload`): the run
     succeeds and writes the bytes of a run where torch was ready from the start."""
     src = make_checkpoint(tmp_path / "src", "llama", dtype="bfloat16", num_hidden_layers=2)
-    code = ("from convert import affine, convert; "
-            f"result = convert({str(src)!r}, {str(tmp_path / 'fresh')!r}, quantize=True, q_method='rtn'); "
-            "print(result.validation.passed, bool(affine._IMPORT))")
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                         env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert run.stdout.strip().splitlines()[-1] == "True True"  # gate passed; torch came from the preload thread
+    printed = fresh_process("from convert import affine, convert; "
+                            f"result = convert({str(src)!r}, {str(tmp_path / 'fresh')!r}, quantize=True, "
+                            "q_method='rtn'); print(result.validation.passed, bool(affine._IMPORT))")
+    assert printed == "True True"  # the gate passed; torch came from the preload thread
     here = convert(str(src), tmp_path / "here", quantize=True, q_method="rtn", skip_validation=True).path
     for name in sorted(p.name for p in here.glob("model*.safetensors")):
         assert (here / name).read_bytes() == (tmp_path / "fresh" / name).read_bytes(), name
+
+
+def fresh_process(code: str) -> str:
+    """The last line `code` prints in a new interpreter (offline), which must succeed."""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    return run.stdout.strip().splitlines()[-1]
