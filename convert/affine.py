@@ -114,16 +114,26 @@ def pack_into(out, codes, bits: int):
         quads = codes.view(torch.int32)
         quads = quads | (quads >> 6)  # byte 1 onto bits 2-3 of byte 0, byte 3 onto bits 2-3 of byte 2
         out.copy_((quads | (quads >> 12)).view(out.shape))  # byte 2's four bits onto bits 4-7 of byte 0
-    else:  # 3, 5, 6 bits: 8 codes make `bits` whole bytes (3 and 6 bits: 24-bit groups, in int32)
+    else:
         rows, cols = codes.shape
-        per, kind = (8, torch.int64) if bits == 5 else (24 // bits, torch.int32)
+        per, width, kind = byte_groups(bits)
         parts = codes.view(rows, cols // per, per).to(kind)
         stream = parts[..., 0].clone()
         for j in range(1, per):
             stream |= parts[..., j] << (j * bits)
-        octets = out.view(rows, cols // per, per * bits // 8)
-        for k in range(per * bits // 8):
+        octets = out.view(rows, cols // per, width)
+        for k in range(width):
             octets[..., k].copy_(stream >> (8 * k))  # the cast to uint8 keeps the low byte
+
+
+def byte_groups(bits: int) -> tuple:
+    """(codes, bytes, torch integer type holding them) of the smallest run of 3-, 5- or 6-bit codes that fills whole
+    bytes: 8 codes in 3 or 5 bytes, 4 six-bit codes in 3 (24-bit runs fit int32, 40-bit ones need int64)."""
+    import torch
+
+    per = 4 if bits == 6 else 8
+    width = per * bits // 8
+    return per, width, torch.int32 if width <= 3 else torch.int64
 
 
 def dequantize(packed, scales, biases, bits: int, group_size: int, out=None):
@@ -172,11 +182,11 @@ def unpack_into(out, packed, bits: int):
         slots = out.view(rows, cols // per, per)
         for j in range(per):
             slots[..., j].copy_((packed >> (j * bits)) & mask)
-    else:  # 3, 5, 6 bits: 8 codes in `bits` bytes (3 and 6 bits: 24-bit groups, in int32)
-        per, kind = (8, torch.int64) if bits == 5 else (24 // bits, torch.int32)
-        octets = packed.view(rows, cols // per, per * bits // 8).to(kind)
+    else:
+        per, width, kind = byte_groups(bits)
+        octets = packed.view(rows, cols // per, width).to(kind)
         stream = octets[..., 0].clone()
-        for k in range(1, per * bits // 8):
+        for k in range(1, width):
             stream |= octets[..., k] << (8 * k)
         slots = out.view(rows, cols // per, per)
         for j in range(per):
@@ -294,7 +304,7 @@ def _pool() -> ThreadPoolExecutor:
 
 
 _IMPORT: list = []  # the thread importing torch (`preload`)
-_THREADS: list = []  # torch's intra-op thread count before `one_thread_each`
+_THREADS: list = []  # torch's intra-op thread count before `lower_threads`
 
 
 def preload():

@@ -188,20 +188,15 @@ def dequantized(codes: np.ndarray, scales: np.ndarray, biases: np.ndarray, dtype
 
 
 def pack(codes: np.ndarray, bits: int) -> np.ndarray:
-    """MLX's packed layout: each row's codes as one little-endian bit stream, read as uint32 words."""
+    """MLX's packed layout of integer codes (rows, cols) as uint32 words (`affine.pack_into`)."""
+    import torch
+
+    from .affine import pack_into
+
     rows, cols = codes.shape
-    if 8 % bits == 0:  # 2, 4 or 8 bits: whole codes per byte, the first in the lowest bits
-        per, codes = 8 // bits, codes.astype(np.uint8, copy=False)
-        octets = codes[:, 0::per].copy()
-        for k in range(1, per):
-            octets |= codes[:, k::per] << np.uint8(k * bits)
-        return np.ascontiguousarray(octets).view(np.uint32)
-    eights = codes.astype(np.uint64).reshape(rows, cols // 8, 8)
-    stream = np.zeros(eights.shape[:2], np.uint64)
-    for i in range(8):
-        stream |= eights[..., i] << np.uint64(i * bits)
-    octets = np.stack([(stream >> np.uint64(8 * k)) & np.uint64(0xFF) for k in range(bits)], axis=-1)
-    return np.ascontiguousarray(octets.astype(np.uint8).reshape(rows, cols * bits // 8)).view(np.uint32)
+    out = torch.empty(rows, cols * bits // 8, dtype=torch.uint8)
+    pack_into(out, torch.from_numpy(np.ascontiguousarray(codes, dtype=np.uint8)), bits)
+    return out.numpy().view(np.uint32)
 
 
 @dataclass
